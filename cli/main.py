@@ -1,0 +1,86 @@
+"""``trainer``: the command line of Caffe's ``caffe`` tool (train, test, time, device_query).
+
+No training logic lives here: commands parse flags the way ``caffe.cpp`` does, configure the glog
+logger, and call layers/ and solvers/. Every error a user can cause ends as one glog ``F`` line
+naming the culprit and a non-zero exit; a Python traceback is shown only with ``--debug``.
+"""
+import functools
+import os
+import sys
+import traceback
+
+import click
+
+from converters import glog
+from converters.errors import CaffeError
+
+EXIT_FATAL = 1
+EXIT_INTERNAL = 2
+
+
+def caffe_option(name, **kwargs):
+    """An option spelled ``--name`` and, as Caffe's gflags also accept, ``-name``."""
+    return click.option("--" + name, "-" + name, name.replace("-", "_"), **kwargs)
+
+
+def report_errors(func):
+    """Turn errors into Caffe-style fatal lines (and exit codes) instead of tracebacks."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except CaffeError as exc:
+            if debug:
+                traceback.print_exc()
+            glog.log(exc.severity, exc.message, where=exc.where or "trainer")
+            sys.exit(EXIT_FATAL)
+        except KeyboardInterrupt:
+            glog.log("F", "Interrupted.", where="trainer")
+            sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except MemoryError:
+            glog.log("F", "Out of memory (host). Reduce batch_size.", where="trainer")
+            sys.exit(EXIT_FATAL)
+        except Exception as exc:  # an internal bug: still one line unless --debug
+            if debug:
+                traceback.print_exc()
+            text = str(exc).strip().splitlines()
+            if "out of memory" in str(exc).lower():
+                glog.log("F", "Out of memory on the device: %s. Reduce batch_size." %
+                         (text[0] if text else ""), where="trainer")
+                sys.exit(EXIT_FATAL)
+            glog.log("F", "Internal error (%s: %s). Run again with --debug for the traceback "
+                     "and report it." % (type(exc).__name__, text[0] if text else ""),
+                     where="trainer")
+            sys.exit(EXIT_INTERNAL)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trainer", message="trainer %(version)s")
+def main():
+    """Train and test Caffe models on PyTorch (a drop-in for the `caffe` tool).
+
+    \b
+    commands:
+      train           train or finetune a model
+      test            score a model
+      time            benchmark model execution time
+      device_query    show GPU diagnostic information
+    """
+    glog.configure()
+
+
+def _register():
+    from cli import train, test, timing, device  # noqa: F401  (commands register themselves)
+
+
+def entry():
+    _register()
+    main(prog_name="trainer")
+
+
+if __name__ == "__main__":
+    entry()

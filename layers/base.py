@@ -1,0 +1,135 @@
+"""The Layer base class: what every Caffe layer module shares.
+
+A layer is built from its ``LayerParameter`` and the shapes of its bottoms (Caffe's
+``LayerSetUp`` + ``Reshape``), creates its learnable blobs in Caffe's order in ``self.blobs``
+(``weights`` then ``bias`` and so on, exactly the order a ``.caffemodel`` stores), and computes
+its tops from its bottoms in :meth:`forward` with differentiable torch ops. Gradients come from
+autograd; what Caffe decides about backward (``lr_mult: 0``, ``propagate_down``, loss roots) is
+applied by the Net through ``requires_grad`` and ``detach``, so a layer never has to.
+"""
+import contextlib
+
+import torch
+
+from converters.errors import CaffeError
+
+
+class Layer(torch.nn.Module):
+    """Base of every Caffe layer module.
+
+    Class attributes a subclass may set (checked by :meth:`check_blob_counts`, as Caffe's
+    ``ExactNumBottomBlobs`` and friends):
+
+    * ``exact_bottoms``, ``min_bottoms``, ``max_bottoms``, ``exact_tops``, ``min_tops``,
+      ``max_tops``: ``None`` means no constraint.
+    * ``is_loss``: the first top is a loss with default ``loss_weight`` 1 (Caffe's loss layers).
+    * ``label_bottoms``: indices of bottoms that never receive a gradient (labels, indices):
+      Caffe's ``propagate_down`` for them is refused under ``force_backward``
+      (``AllowForceBackward``).
+    * ``never_backward``: layers Caffe never back-propagates through (Accuracy, ArgMax, data).
+    * ``auto_top_blobs``: Caffe's ``AutoTopBlobs`` (DummyData etc.).
+    """
+
+    type_name = None
+    exact_bottoms = None
+    min_bottoms = None
+    max_bottoms = None
+    exact_tops = None
+    min_tops = None
+    max_tops = None
+    is_loss = False
+    label_bottoms = ()
+    never_backward = False
+    is_data = False
+    no_param_grad = False   # blobs never get diffs (BatchNorm's statistics), even under force_backward
+
+    def __init__(self, param, bottom_shapes, phase="TRAIN"):
+        super().__init__()
+        self.param = param
+        self.name = param.name
+        self.phase = phase
+        self.bottom_shapes = [tuple(s) for s in bottom_shapes]
+        self.blobs = torch.nn.ParameterList()
+        # Set by the Net while it infers top shapes: layers with side effects (BatchNorm running
+        # statistics, data cursors, RNG draws) must not act on it.
+        self.shape_inference = False
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    def fail(self, message, where=None):
+        """Raise a CaffeError naming this layer (Caffe's CHECK in LayerSetUp)."""
+        raise CaffeError("%s (layer %s, type %s)" % (message, self.name, self.param.type),
+                         where=where)
+
+    def add_blob(self, shape, filler=None):
+        """Create the next learnable blob with ``shape``, filled by a Caffe FillerParameter."""
+        from layers.fillers import fill
+        tensor = torch.empty(tuple(int(d) for d in shape), dtype=torch.float32)
+        fill(tensor, filler)
+        blob = torch.nn.Parameter(tensor)
+        self.blobs.append(blob)
+        return blob
+
+    # ----------------------------------------------------------------- interface
+    def forward(self, *bottoms):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def top_shapes(self):
+        """Shapes of the tops for ``self.bottom_shapes`` (Caffe's Reshape).
+
+        The default runs :meth:`forward` once on zero-filled bottoms without gradients, with
+        ``self.shape_inference`` set; layers that cannot (data layers, layers whose output size
+        depends on values) override this.
+        """
+        bottoms = [torch.zeros(s, dtype=torch.float32) for s in self.bottom_shapes]
+        with self.inferring(), torch.no_grad():
+            tops = self.forward(*bottoms)
+        if isinstance(tops, torch.Tensor):
+            tops = (tops,)
+        return [tuple(t.shape) for t in tops]
+
+    @contextlib.contextmanager
+    def inferring(self):
+        self.shape_inference = True
+        try:
+            yield
+        finally:
+            self.shape_inference = False
+
+    def extra_log_lines(self):
+        """Lines Caffe's LayerSetUp prints for this layer (e.g. data_layer.cpp:45 sizes)."""
+        return []
+
+    def check_blob_counts(self, num_bottoms, num_tops):
+        def check(kind, n, exact, lo, hi):
+            if exact is not None and n != exact:
+                self.fail("%s Layer takes %d %s blob%s as input." % (
+                    self.param.type, exact, kind, "" if exact == 1 else "s"), "layer.hpp:355")
+            if lo is not None and n < lo:
+                self.fail("%s Layer takes at least %d %s blob%s as input." % (
+                    self.param.type, lo, kind, "" if lo == 1 else "s"), "layer.hpp:359")
+            if hi is not None and n > hi:
+                self.fail("%s Layer takes at most %d %s blob%s as input." % (
+                    self.param.type, hi, kind, "" if hi == 1 else "s"), "layer.hpp:364")
+        check("bottom", num_bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)
+        check("top", num_tops, self.exact_tops, self.min_tops, self.max_tops)
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index not in self.label_bottoms
+
+
+def canonical_axis(axis, num_axes, layer=None):
+    """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end; out of range fails."""
+    if not -num_axes <= axis < max(num_axes, 1):
+        msg = "axis %d out of range for %d-D blob" % (axis, num_axes)
+        if layer is not None:
+            layer.fail(msg, "blob.hpp:141")
+        raise CaffeError(msg, where="blob.hpp:141")
+    return axis + num_axes if axis < 0 else axis
+
+
+def count(shape, start=0, end=None):
+    """Caffe's Blob::count(start, end): product of dims in [start, end)."""
+    n = 1
+    for d in tuple(shape)[start:end]:
+        n *= int(d)
+    return n

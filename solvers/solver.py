@@ -1,0 +1,498 @@
+"""Caffe's Solver: the training loop, tests, snapshots and restore.
+
+Reproduces ``Solver::Solve`` / ``Step`` / ``Test`` / ``Snapshot`` and ``SGDSolver``'s state
+handling, with Caffe's log lines (so a diff against a Caffe log lines up):
+
+* each iteration: clear diffs, test if ``iter % test_interval == 0`` (and iteration 0 only with
+  ``test_initialization``), ``iter_size`` forward/backward passes (loss averaged), the smoothed
+  loss over ``average_loss`` iterations, display, the update (``solvers.updates``), snapshot;
+* after the last iteration: snapshot (``snapshot_after_train``), one more TRAIN forward whose loss
+  is logged ("Iteration N, loss = ..."), then the final test;
+* test nets share the train net's blobs by layer name (``ShareTrainedLayersWith``), so they always
+  see the current weights; test scores are averaged over ``test_iter`` batches.
+
+Snapshots are real ``.caffemodel`` / ``.solverstate`` files (atomically written). What Caffe's
+SolverState has no field for (data position, smoothed-loss window, RNG states) goes into a
+``<solverstate>.trainer`` file beside it, which real Caffe ignores; a solverstate written by Caffe
+has none, and resumes as Caffe resumes it: data from the first record.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+
+from converters import caffe_pb2, glog
+from converters.errors import CaffeError
+from layers.net import Net
+from solvers.lr_policy import LearningRate
+from solvers.updates import make_update
+
+SIGNAL_ACTIONS = ("stop", "snapshot", "none")
+
+
+def _fmt(x):
+    return glog.format_number(x)
+
+
+class NonFiniteLoss(CaffeError):
+    pass
+
+
+class Solver:
+    """Trains the net of a SolverParameter. ``solver_dir`` is where relative paths resolve
+    (Caffe resolves them against the working directory; the CLI passes the cwd)."""
+
+    def __init__(self, param, device=None, level=None, stages=None,
+                 keep_sparsity=False, log_net=True, hooks=None):
+        self.param = param
+        self.device = torch.device(device or "cpu")
+        self.iter = 0
+        self.losses = []
+        self.smoothed_loss = 0.0
+        self.requested = None          # "stop" | "snapshot" set by signal handlers
+        self.requested_early_exit = False
+        self.hooks = hooks or {}
+        self._check_param()
+        if param.random_seed >= 0:
+            torch.manual_seed(param.random_seed)
+            np.random.seed(param.random_seed % (2 ** 32))
+        glog.info("Initializing solver from parameters: \n" + _solver_text(param),
+                  where="solver.cpp:45")
+        self.net = self._init_train_net(level, stages, log_net)
+        # Caffe's solver loads ``weights`` (the caffe tool puts --weights there), comma-separated
+        weights = [w for entry in param.weights for w in entry.split(",") if w]
+        for w in weights:
+            self._finetune(self.net, w)
+        self.test_nets = self._init_test_nets(log_net)
+        for net in self.test_nets:
+            for w in weights:
+                self._finetune(net, w)
+            self._share_trained_layers(net)
+        self.net.to(self.device)
+        for net in self.test_nets:
+            net.to(self.device)
+        self.lr = LearningRate(param)
+        self.update = make_update(param, [p for p in self.net.learnable_params])
+        self.sparsity = None
+        if keep_sparsity:
+            from solvers.sparsity import SparsityMasks
+            self.sparsity = SparsityMasks(self.net)
+        glog.info("Solver scaffolding done.", where="solver.cpp:57")
+
+    # ------------------------------------------------------------------ setup
+    def _check_param(self):
+        p = self.param
+        if not (p.HasField("net") or p.HasField("net_param") or p.HasField("train_net")
+                or p.HasField("train_net_param")):
+            raise CaffeError("Solver has no training net: give one of net, net_param, train_net "
+                             "or train_net_param.", where="solver.cpp:84")
+        if p.test_interval and len(p.test_iter) == 0 and (p.HasField("net") or
+                                                          p.HasField("net_param")) and \
+                self._test_net_count_from_net() > 0:
+            raise CaffeError("test_iter must be specified for each test network when "
+                             "test_interval is set.", where="solver.cpp:165")
+        if p.average_loss < 1:
+            raise CaffeError("Check failed: average_loss >= 1 (%d vs. 1)" % p.average_loss,
+                             where="solver.cpp:215")
+        if p.iter_size < 1:
+            raise CaffeError("Check failed: iter_size >= 1 (%d vs. 1)" % p.iter_size)
+        prefix = p.snapshot_prefix
+        if (p.snapshot or p.snapshot_after_train) and not prefix:
+            raise CaffeError("In solver params, snapshot is specified but snapshot_prefix is not")
+        if prefix and (p.snapshot or p.snapshot_after_train):
+            directory = os.path.dirname(prefix) or "."
+            if not os.path.isdir(directory):
+                raise CaffeError("snapshot_prefix %s: directory %s does not exist (snapshots "
+                                 "would fail after training)" % (prefix, directory),
+                                 where="solver.cpp:448")
+            if not os.access(directory, os.W_OK):
+                raise CaffeError("snapshot_prefix %s: directory %s is not writable"
+                                 % (prefix, directory), where="solver.cpp:448")
+
+    def _test_net_count_from_net(self):
+        return 1
+
+    def _read_net_param(self, path):
+        from converters.prototxt import read_net
+        return read_net(path)
+
+    def _init_train_net(self, level, stages, log_net):
+        p = self.param
+        if p.HasField("train_net_param"):
+            glog.info("Creating training net specified in train_net_param.", where="solver.cpp:91")
+            net_param = caffe_pb2.NetParameter()
+            net_param.CopyFrom(p.train_net_param)
+        elif p.HasField("train_net"):
+            glog.info("Creating training net from train_net file: " + p.train_net,
+                      where="solver.cpp:95")
+            net_param = self._read_net_param(p.train_net)
+        elif p.HasField("net_param"):
+            glog.info("Creating training net specified in net_param.", where="solver.cpp:99")
+            net_param = caffe_pb2.NetParameter()
+            net_param.CopyFrom(p.net_param)
+        else:
+            glog.info("Creating training net from net file: " + p.net, where="solver.cpp:102")
+            net_param = self._read_net_param(p.net)
+        state = caffe_pb2.NetState()
+        state.phase = caffe_pb2.TRAIN
+        state.MergeFrom(net_param.state)
+        state.MergeFrom(p.train_state)
+        if level is not None:
+            state.level = level
+        if stages:
+            del state.stage[:]
+            state.stage.extend(stages)
+        net_param.state.CopyFrom(state)
+        return Net(net_param, "TRAIN", log=log_net, source=p.net or p.train_net)
+
+    def _init_test_nets(self, log_net):
+        p = self.param
+        sources = []
+        for i, tp in enumerate(p.test_net_param):
+            sources.append(("test_net_param", tp, None))
+        for i, path in enumerate(p.test_net):
+            sources.append(("test_net file", None, path))
+        num_generic = 0
+        if p.HasField("net") or p.HasField("net_param"):
+            num_generic = max(len(p.test_iter) - len(sources), 0)
+        if len(p.test_iter) != len(sources) + num_generic and (len(sources) + num_generic):
+            raise CaffeError("test_iter must be specified for each test network.",
+                             where="solver.cpp:165")
+        if len(p.test_state) and len(p.test_state) != len(sources) + num_generic:
+            raise CaffeError("test_state must be unspecified or specified once per test net.",
+                             where="solver.cpp:173")
+        nets = []
+        for i in range(len(sources) + num_generic):
+            if i < len(sources):
+                kind, tp, path = sources[i]
+                if tp is not None:
+                    net_param = caffe_pb2.NetParameter()
+                    net_param.CopyFrom(tp)
+                    glog.info("Creating test net (#%d) specified by test_net_param" % i,
+                              where="solver.cpp:186")
+                else:
+                    net_param = self._read_net_param(path)
+                    glog.info("Creating test net (#%d) specified by test_net file: %s" % (i, path),
+                              where="solver.cpp:186")
+            elif p.HasField("net_param"):
+                net_param = caffe_pb2.NetParameter()
+                net_param.CopyFrom(p.net_param)
+                glog.info("Creating test net (#%d) specified by net_param" % i,
+                          where="solver.cpp:190")
+            else:
+                glog.info("Creating test net (#%d) specified by net file: %s" % (i, p.net),
+                          where="solver.cpp:190")
+                net_param = self._read_net_param(p.net)
+            state = caffe_pb2.NetState()
+            state.phase = caffe_pb2.TEST
+            state.MergeFrom(net_param.state)
+            if len(p.test_state):
+                state.MergeFrom(p.test_state[i])
+            net_param.state.CopyFrom(state)
+            nets.append(Net(net_param, "TEST", log=log_net))
+        return nets
+
+    def _finetune(self, net, path):
+        glog.info("Finetuning from " + path, where="solver.cpp:72")
+        net.copy_from(path)
+
+    def _share_trained_layers(self, test_net):
+        """Caffe's ShareTrainedLayersWith: test layers use the train net's blobs by name."""
+        train = self.net.layer_dict
+        for li, name in enumerate(test_net.layer_names):
+            src = train.get(name)
+            if src is None:
+                continue
+            dst = test_net.layer_modules[li]
+            if len(dst.blobs) != len(src.blobs):
+                raise CaffeError("Incompatible number of blobs for layer %s" % name,
+                                 where="net.cpp:740")
+            for j in range(len(dst.blobs)):
+                if tuple(dst.blobs[j].shape) != tuple(src.blobs[j].shape):
+                    raise CaffeError("Cannot share param %d of layer %s between the train and "
+                                     "test nets: shapes %s vs %s" % (
+                                         j, name, tuple(src.blobs[j].shape),
+                                         tuple(dst.blobs[j].shape)), where="net.cpp:745")
+                Net._share(dst, j, src.blobs[j])
+        test_net.refresh_param_views()
+
+    # ------------------------------------------------------------------ solve
+    def solve(self, resume_file=None):
+        glog.info("Solving " + self.net.name, where="solver.cpp:289")
+        glog.info("Learning Rate Policy: " + self.param.lr_policy, where="solver.cpp:290")
+        self.requested_early_exit = False
+        start_iter = self.iter
+        self.step(self.param.max_iter - self.iter)
+        p = self.param
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            glog.info("Optimization stopped early.", where="solver.cpp:313")
+            return
+        if p.display and self.iter % p.display == 0:
+            with torch.no_grad():
+                loss = self._forward_loss()
+            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            glog.info("Iteration %d, loss = %s" % (self.iter, _fmt(self.smoothed_loss)),
+                      where="solver.cpp:327")
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        glog.info("Optimization Done.", where="solver.cpp:332")
+
+    def _forward_loss(self):
+        total = self.net.run()
+        return 0.0 if total is None else float(total)
+
+    def step(self, iters):
+        p = self.param
+        start_iter = self.iter
+        stop_iter = self.iter + iters
+        self.losses = []
+        self.smoothed_loss = 0.0
+        last_time = time.perf_counter()
+        last_iter = self.iter
+        params = [lp.tensor for lp in self.net.learnable_params]
+        self._last_good = [t.detach().clone() for t in params]
+        while self.iter < stop_iter:
+            for t in params:
+                t.grad = None
+            if p.test_interval and self.iter % p.test_interval == 0 and (
+                    self.iter > 0 or p.test_initialization):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            display = p.display and self.iter % p.display == 0
+            loss = 0.0
+            for _ in range(p.iter_size):
+                total = self.net.run()
+                if total is not None:
+                    if total.requires_grad:
+                        total.backward()
+                    loss += float(total)
+            loss /= p.iter_size
+            if not math.isfinite(loss):
+                self._non_finite(loss)
+            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            if display:
+                now = time.perf_counter()
+                lapse = int((now - last_time) * 1000) / 1000.0   # Caffe's Timer: whole ms
+                per_s = (self.iter - last_iter) / (lapse if lapse else 1)
+                glog.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s" % (
+                    self.iter, _fmt(per_s), _fmt(lapse), p.display,
+                    _fmt(self.smoothed_loss)), where="solver.cpp:239")
+                last_time = now
+                last_iter = self.iter
+                self._display_outputs(self.net, "Train", "solver.cpp:258")
+            rate = self.lr.rate(self.iter, self.smoothed_loss)
+            if display:
+                glog.info("Iteration %d, lr = %s" % (self.iter, _fmt(rate)),
+                          where="sgd_solver.cpp:112")
+            if self.sparsity is not None:
+                self.sparsity.mask_gradients()
+            torch._foreach_copy_(self._last_good, params)   # for a NaN in the next iteration
+            self.update.apply(rate, self.iter)
+            if self.sparsity is not None:
+                self.sparsity.mask_weights()
+            self.iter += 1
+            request = self._take_request()
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
+                self.snapshot()
+            if request == "stop":
+                self.requested_early_exit = True
+                break
+
+    def _update_smoothed_loss(self, loss, start_iter, average_loss):
+        if len(self.losses) < average_loss:
+            self.losses.append(loss)
+            size = len(self.losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            idx = (self.iter - start_iter) % average_loss
+            self.smoothed_loss += (loss - self.losses[idx]) / average_loss
+            self.losses[idx] = loss
+        # Caffe keeps these in float32
+        self.smoothed_loss = float(np.float32(self.smoothed_loss))
+
+    def _display_outputs(self, net, kind, where):
+        index = 0
+        for name in net.outputs:
+            value = net._data[name].detach().float().reshape(-1).cpu().numpy()
+            weight = net.output_loss_weight(name)
+            for v in value:
+                msg = "    %s net output #%d: %s = %s" % (kind, index, name, _fmt(v))
+                if weight:
+                    msg += " (* %s = %s loss)" % (_fmt(weight), _fmt(np.float32(weight * v)))
+                glog.info(msg, where=where)
+                index += 1
+
+    def _non_finite(self, loss):
+        culprit = self.net.first_non_finite()
+        where = (" First non-finite blob: '%s' (top of layer '%s', type %s)." % culprit
+                 if culprit else "")
+        path = self.snapshot(suffix="_last_finite", restore_previous=True)
+        raise NonFiniteLoss("Iteration %d: loss is %s.%s The weights before this iteration were "
+                            "saved to %s." % (self.iter, _fmt(loss), where, path),
+                            where="solver.cpp:239")
+
+    # ------------------------------------------------------------------ test
+    def test_all(self):
+        for i, net in enumerate(self.test_nets):
+            if self.requested_early_exit:
+                break
+            self.test(i)
+
+    def test(self, i):
+        net = self.test_nets[i]
+        p = self.param
+        glog.info("Iteration %d, Testing net (#%d)" % (self.iter, i), where="solver.cpp:347")
+        scores = None
+        loss = 0.0
+        iters = p.test_iter[i]
+        with torch.no_grad():
+            for _ in range(iters):
+                request = self._take_request()
+                while request is not None:
+                    if request == "snapshot":
+                        self.snapshot()
+                    elif request == "stop":
+                        self.requested_early_exit = True
+                    request = self._take_request()
+                if self.requested_early_exit:
+                    break
+                total = net.run()
+                if p.test_compute_loss and total is not None:
+                    loss += float(total)
+                values = [net._data[name].reshape(-1) for name in net.outputs]
+                flat = torch.cat([v.double() for v in values]) if values else torch.zeros(0)
+                scores = flat.clone() if scores is None else scores + flat
+        if self.requested_early_exit:
+            glog.info("Test interrupted.", where="solver.cpp:394")
+            return
+        if p.test_compute_loss:
+            glog.info("Test loss: %s" % _fmt(loss / iters), where="solver.cpp:400")
+        if scores is None:
+            return
+        scores = scores.cpu().numpy()
+        index = 0
+        for name in net.outputs:
+            weight = net.output_loss_weight(name)
+            for _ in range(int(np.prod(net.blob_shapes[name])) if net.blob_shapes[name] else 1):
+                mean = np.float32(scores[index] / iters)
+                msg = "    Test net output #%d: %s = %s" % (index, name, _fmt(mean))
+                if weight:
+                    msg += " (* %s = %s loss)" % (_fmt(weight), _fmt(np.float32(weight * mean)))
+                glog.info(msg, where="solver.cpp:414")
+                index += 1
+
+    # ------------------------------------------------------------------ signals
+    def request(self, action):
+        """Called from a signal handler: act at the end of the current iteration."""
+        if action in ("stop", "snapshot"):
+            self.requested = action
+
+    def _take_request(self):
+        request, self.requested = self.requested, None
+        return request
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot_filename(self, ext, suffix=""):
+        return "%s_iter_%d%s%s" % (self.param.snapshot_prefix, self.iter, suffix, ext)
+
+    def snapshot(self, suffix="", restore_previous=False):
+        """Caffe's Solver::Snapshot: .caffemodel then .solverstate (+ our .trainer sidecar)."""
+        from converters.caffemodel import atomic_write, write_solverstate
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            raise CaffeError("snapshot_format HDF5 is not supported; use BINARYPROTO",
+                             where="solver.cpp:450")
+        if restore_previous and getattr(self, "_last_good", None) is not None:
+            # Keep the current weights if they are finite (they only produced a bad loss);
+            # otherwise go back to the ones of the last iteration with a finite loss.
+            tensors = [lp.tensor for lp in self.net.learnable_params]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                with torch.no_grad():
+                    torch._foreach_copy_(tensors, self._last_good)
+        model = self.snapshot_filename(".caffemodel", suffix)
+        glog.info("Snapshotting to binary proto file " + model, where="solver.cpp:464")
+        if self.sparsity is not None:
+            self.sparsity.log("snapshot")
+        proto = self.net.to_proto()
+        atomic_write(model, proto.SerializeToString())
+        state = caffe_pb2.SolverState()
+        state.iter = self.iter
+        state.learned_net = model
+        state.current_step = self.lr.state_dict().get("current_step", 0)
+        from converters.caffemodel import array_to_blob
+        for h in self.update.history:
+            state.history.add().CopyFrom(array_to_blob(h.detach().cpu().numpy()))
+        path = self.snapshot_filename(".solverstate", suffix)
+        glog.info("Snapshotting solver state to binary proto file " + path,
+                  where="sgd_solver.cpp:284")
+        write_solverstate(path, state)
+        atomic_write(path + ".trainer", json.dumps(self._extra_state()).encode())
+        return model
+
+    def _extra_state(self):
+        data = {}
+        for name, layer in self.net.layer_dict.items():
+            if hasattr(layer, "state_dict_position"):
+                data[name] = layer.state_dict_position()
+        return {
+            "format": 1,
+            "iter": self.iter,
+            "losses": self.losses,
+            "smoothed_loss": self.smoothed_loss,
+            "lr": self.lr.state_dict(),
+            "data": data,
+            "test_data": [{name: layer.state_dict_position()
+                           for name, layer in net.layer_dict.items()
+                           if hasattr(layer, "state_dict_position")} for net in self.test_nets],
+            "torch_rng": torch.get_rng_state().numpy().tolist(),
+        }
+
+    def restore(self, path):
+        """SGDSolver::Restore from a .solverstate (ours or real Caffe's)."""
+        from converters.caffemodel import blob_to_array, read_caffemodel, read_solverstate
+        state = read_solverstate(path)
+        self.iter = state.iter
+        if state.HasField("learned_net"):
+            self.net.copy_from(read_caffemodel(state.learned_net))
+        lr_state = {"current_step": state.current_step}
+        if len(state.history) != len(self.update.history):
+            raise CaffeError("Incorrect length of history blobs: %s has %d, this solver and net "
+                             "need %d" % (path, len(state.history), len(self.update.history)),
+                             where="sgd_solver.cpp:334")
+        glog.info("SGDSolver: restoring history", where="sgd_solver.cpp:336")
+        for h, blob in zip(self.update.history, state.history):
+            arr = blob_to_array(blob)
+            if arr.size != h.numel():
+                raise CaffeError("Solver state %s: history blob shape %s does not fit param "
+                                 "shape %s" % (path, arr.shape, tuple(h.shape)),
+                                 where="blob.cpp:500")
+            with torch.no_grad():
+                h.copy_(torch.from_numpy(arr.reshape(tuple(h.shape))))
+        sidecar = path + ".trainer"
+        if os.path.exists(sidecar):
+            extra = json.load(open(sidecar))
+            lr_state.update(extra.get("lr", {}))
+            self._resume_losses = extra.get("losses")
+            for name, pos in extra.get("data", {}).items():
+                layer = self.net.layer_dict.get(name)
+                if layer is not None and hasattr(layer, "load_state_dict_position"):
+                    layer.load_state_dict_position(pos)
+            for net, positions in zip(self.test_nets, extra.get("test_data", [])):
+                for name, pos in positions.items():
+                    layer = net.layer_dict.get(name)
+                    if layer is not None and hasattr(layer, "load_state_dict_position"):
+                        layer.load_state_dict_position(pos)
+            if extra.get("torch_rng"):
+                torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
+        self.lr.load_state_dict(lr_state)
+
+
+def _solver_text(param):
+    from converters.prototxt import write_text
+    return write_text(param)
