@@ -77,10 +77,13 @@ class Solver:
             net.to(self.device)
         self.lr = LearningRate(param)
         self.update = make_update(param, [p for p in self.net.learnable_params])
+        self.keep_sparsity = keep_sparsity
         self.sparsity = None
         if keep_sparsity:
             from solvers.sparsity import SparsityMasks
             self.sparsity = SparsityMasks(self.net)
+        from solvers.traps import warn_frozen_batchnorm
+        warn_frozen_batchnorm(self.net, param)
         glog.info("Solver scaffolding done.", where="solver.cpp:57")
 
     # ------------------------------------------------------------------ setup
@@ -491,6 +494,9 @@ class Solver:
             if extra.get("torch_rng"):
                 torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
         self.lr.load_state_dict(lr_state)
+        if self.keep_sparsity:       # the restored weights define what is pruned
+            from solvers.sparsity import SparsityMasks
+            self.sparsity = SparsityMasks(self.net)
 
 
 def _solver_text(param):
