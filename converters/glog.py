@@ -60,8 +60,10 @@ def log(severity, message, where=None, _depth=2):
     head = prefix(severity, where)
     text = str(message)
     # Caffe prints multi-line messages (protos) with the prefix on the first line only.
+    if not text.endswith("\n"):      # glog adds the newline only when the text lacks one
+        text += "\n"
     with _State.lock:
-        stream.write(head + text + "\n")
+        stream.write(head + text)
         stream.flush()
 
 
