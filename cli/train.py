@@ -60,7 +60,9 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
                          where="caffe.cpp:176")
     param = read_solver(solver)
     param.train_state.level = level
-    for s in stages_from(stage):
+    # caffe.cpp splits the --stage flag on ',' with boost::split, so no flag gives one empty
+    # stage (visible in Caffe's logs as `stage: ""`); we keep that exactly.
+    for s in (stage or "").split(","):
         param.train_state.stage.append(s)
     if iterations is not None:
         param.max_iter = iterations

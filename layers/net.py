@@ -210,11 +210,12 @@ class ParamView:
 class LearnableParam:
     """One learnable blob as the solver sees it (Caffe's learnable_params_ entry)."""
 
-    __slots__ = ("tensor", "lr_mult", "decay_mult", "name", "layer")
+    __slots__ = ("tensor", "lr_mult", "decay_mult", "name", "layer", "has_lr", "has_decay")
 
     def __init__(self, tensor, lr_mult, decay_mult, name, layer):
         self.tensor, self.lr_mult, self.decay_mult = tensor, lr_mult, decay_mult
         self.name, self.layer = name, layer
+        self.has_lr = self.has_decay = False
 
 
 # ----------------------------------------------------------------------------- the net
