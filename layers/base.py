@@ -100,26 +100,37 @@ class Layer(torch.nn.Module):
         return []
 
     def check_blob_counts(self, num_bottoms, num_tops):
-        def check(kind, n, exact, lo, hi):
-            if exact is not None and n != exact:
-                self.fail("%s Layer takes %d %s blob%s as input." % (
-                    self.param.type, exact, kind, "" if exact == 1 else "s"), "layer.hpp:355")
-            if lo is not None and n < lo:
-                self.fail("%s Layer takes at least %d %s blob%s as input." % (
-                    self.param.type, lo, kind, "" if lo == 1 else "s"), "layer.hpp:359")
-            if hi is not None and n > hi:
-                self.fail("%s Layer takes at most %d %s blob%s as input." % (
-                    self.param.type, hi, kind, "" if hi == 1 else "s"), "layer.hpp:364")
-        check("bottom", num_bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)
-        check("top", num_tops, self.exact_tops, self.min_tops, self.max_tops)
+        """Caffe's Layer::CheckBlobCounts, with layer.hpp's messages."""
+        check_blob_counts(self, self.param, num_bottoms, num_tops)   # instance limits win
 
     def allow_force_backward(self, bottom_index):
         return bottom_index not in self.label_bottoms
 
 
+def check_blob_counts(cls, param, num_bottoms, num_tops):
+    """Caffe's CheckBlobCounts for layer class ``cls`` (the Net calls it before building)."""
+    t = param.type
+    checks = [
+        (cls.exact_bottoms, num_bottoms, "==", "%s Layer takes %s bottom blob(s) as input.", 349),
+        (cls.min_bottoms, num_bottoms, ">=", "%s Layer takes at least %s bottom blob(s) as input.", 353),
+        (cls.max_bottoms, num_bottoms, "<=", "%s Layer takes at most %s bottom blob(s) as input.", 357),
+        (cls.exact_tops, num_tops, "==", "%s Layer produces %s top blob(s) as output.", 361),
+        (cls.min_tops, num_tops, ">=", "%s Layer produces at least %s top blob(s) as output.", 365),
+        (cls.max_tops, num_tops, "<=", "%s Layer produces at most %s top blob(s) as output.", 369),
+    ]
+    for want, got, op, text, line in checks:
+        if want is None:
+            continue
+        ok = {"==": got == want, ">=": got >= want, "<=": got <= want}[op]
+        if not ok:
+            raise CaffeError("Check failed: %s %s %s (%d vs. %d) %s (layer %s, type %s)" % (
+                want, op, got, want, got, text % (t, want), param.name, t),
+                where="layer.hpp:%d" % line)
+
+
 def canonical_axis(axis, num_axes, layer=None):
     """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end; out of range fails."""
-    if not -num_axes <= axis < max(num_axes, 1):
+    if not -num_axes <= axis < num_axes:
         msg = "axis %d out of range for %d-D blob" % (axis, num_axes)
         if layer is not None:
             layer.fail(msg, "blob.hpp:141")

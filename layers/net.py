@@ -27,7 +27,7 @@ import torch
 from converters import caffe_pb2, glog
 from converters.errors import CaffeError
 from layers import registry
-from layers.base import count
+from layers.base import check_blob_counts, count
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
 PHASE_NAMES = {v: k for k, v in PHASES.items()}
@@ -172,6 +172,9 @@ class BlobView:
 
     @property
     def diff(self):
+        given = self._net._given.get(self._name)
+        if given is not None:
+            return given
         t = self._net._first.get(self._name)
         if t is None or t.grad is None:
             return np.zeros(self._net.blob_shapes[self._name], np.float32)
@@ -294,8 +297,8 @@ class Net(torch.nn.Module):
                     raise CaffeError("Unknown bottom blob '%s' (layer '%s', bottom index %d)"
                                      % (b, lp.name, j), where="net.cpp:417")
             bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
+            check_blob_counts(cls, lp, len(lp.bottom), len(lp.top))
             layer = cls(lp, bottom_shapes, self.phase)
-            layer.check_blob_counts(len(lp.bottom), len(lp.top))
             self._log("Creating Layer %s" % lp.name, "net.cpp:86")
             need_backward = False
             bnb = []
@@ -421,6 +424,7 @@ class Net(torch.nn.Module):
         self._detach = [[not bnb for bnb in bottom_need_backward[li]] for li in range(n)]
         self._data, self._first = {}, {}
         self._total = None
+        self._given = {}
         # Input blobs keep their data between forwards, and pycaffe scripts write into
         # ``net.blobs['data'].data[...]``: these CPU tensors back that view.
         self._provided = {t: torch.zeros(self.blob_shapes[t]) for t in self.inputs}
@@ -653,6 +657,7 @@ class Net(torch.nn.Module):
                              % (", ".join(sorted(unknown)), ", ".join(self.inputs)))
         for p in self.parameters():
             p.grad = None
+        self._given = {}
         self._total = self.run(retain=True, inputs=feed)
         names = self.outputs if blobs is None else list(self.outputs) + list(blobs)
         return {n: self.blobs[n].data for n in names}
@@ -667,7 +672,8 @@ class Net(torch.nn.Module):
             if name not in self._data:
                 raise CaffeError("Top diff given for unknown blob %s" % name)
             t = self._data[name]
-            if not t.requires_grad:
+            if not t.requires_grad:     # pycaffe keeps a diff written into any blob
+                self._given[name] = np.asarray(diff, np.float32).reshape(tuple(t.shape))
                 continue
             tensors.append(t)
             grads.append(torch.as_tensor(np.asarray(diff, np.float32), device=t.device))

@@ -256,6 +256,11 @@ class Solver:
         stop_iter = self.iter + iters
         self.losses = []
         self.smoothed_loss = 0.0
+        window = getattr(self, "_resume_window", None)
+        if window is not None:      # our own snapshot: continue the smoothing window exactly
+            self.losses, self.smoothed_loss, start_iter = window
+            self._resume_window = None
+        self._step_start = start_iter
         last_time = time.perf_counter()
         last_iter = self.iter
         params = [lp.tensor for lp in self.net.learnable_params]
@@ -427,7 +432,11 @@ class Solver:
         state = caffe_pb2.SolverState()
         state.iter = self.iter
         state.learned_net = model
-        state.current_step = self.lr.state_dict().get("current_step", 0)
+        lr_state = self.lr.state_dict()
+        state.current_step = lr_state.get("current_step", 0)
+        if self.param.lr_policy == "plateau":     # SSD-Caffe's SolverState fields 5 and 6
+            state.minimum_loss = lr_state["minimum_loss"]
+            state.iter_last_event = lr_state["iter_last_event"]
         from converters.caffemodel import array_to_blob
         for h in self.update.history:
             state.history.add().CopyFrom(array_to_blob(h.detach().cpu().numpy()))
@@ -448,6 +457,7 @@ class Solver:
             "iter": self.iter,
             "losses": self.losses,
             "smoothed_loss": self.smoothed_loss,
+            "window_start": getattr(self, "_step_start", 0),
             "lr": self.lr.state_dict(),
             "data": data,
             "test_data": [{name: layer.state_dict_position()
@@ -464,6 +474,8 @@ class Solver:
         if state.HasField("learned_net"):
             self.net.copy_from(read_caffemodel(state.learned_net))
         lr_state = {"current_step": state.current_step}
+        if self.param.lr_policy == "plateau":
+            lr_state.update(minimum_loss=state.minimum_loss, iter_last_event=state.iter_last_event)
         if len(state.history) != len(self.update.history):
             raise CaffeError("Incorrect length of history blobs: %s has %d, this solver and net "
                              "need %d" % (path, len(state.history), len(self.update.history)),
@@ -481,7 +493,9 @@ class Solver:
         if os.path.exists(sidecar):
             extra = json.load(open(sidecar))
             lr_state.update(extra.get("lr", {}))
-            self._resume_losses = extra.get("losses")
+            if extra.get("losses") is not None:
+                self._resume_window = (list(extra["losses"]), float(extra["smoothed_loss"]),
+                                       int(extra.get("window_start", 0)))
             for name, pos in extra.get("data", {}).items():
                 layer = self.net.layer_dict.get(name)
                 if layer is not None and hasattr(layer, "load_state_dict_position"):

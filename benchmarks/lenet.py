@@ -1,0 +1,110 @@
+"""LeNet training step: `trainer`'s Net + Caffe SGD against a hand-written torch module.
+
+Both run the same ops on the same fixed batch (64x1x28x28) with Caffe's SGD update (momentum 0.9,
+weight decay 5e-4, lr_mult 1/2), so the ratio measures what the Caffe machinery costs over plain
+torch. Goal: trainer / hand-written <= 1.05. Usage: python benchmarks/lenet.py [--device cuda]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import compare, machine
+from converters import caffe_pb2
+from converters.prototxt import parse_text
+from layers.net import Net
+from solvers.updates import make_update
+
+LENET = """
+name: "LeNetBench"
+layer { name: "data" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 64 dim: 1 dim: 28 dim: 28 } shape { dim: 64 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 20 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  convolution_param { num_output: 50 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 500 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { lr_mult: 1 } param { lr_mult: 2 }
+  inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+SOLVER = 'base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005 lr_policy: "fixed" type: "SGD"'
+
+
+class HandLeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 20, 5)
+        self.conv2 = torch.nn.Conv2d(20, 50, 5)
+        self.ip1 = torch.nn.Linear(800, 500)
+        self.ip2 = torch.nn.Linear(500, 10)
+
+    def forward(self, x, y):
+        x = F.max_pool2d(self.conv1(x), 2, 2, ceil_mode=True)
+        x = F.max_pool2d(self.conv2(x), 2, 2, ceil_mode=True)
+        x = F.relu(self.ip1(x.flatten(1)))
+        return F.cross_entropy(self.ip2(x), y)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+
+    net = Net(parse_text(LENET, caffe_pb2.NetParameter(), "lenet"), "TRAIN", log=False).to(device)
+    solver_param = parse_text(SOLVER, caffe_pb2.SolverParameter(), "solver")
+    update = make_update(solver_param, net.learnable_params)
+    params = [p.tensor for p in net.learnable_params]
+    feed = {"data": x, "label": y.float()}
+
+    def trainer_step():
+        for p in params:
+            p.grad = None
+        loss = net.run(inputs=feed)
+        loss.backward()
+        update.apply(0.01, 0)
+
+    hand = HandLeNet().to(device)
+    hand_params = [hand.conv1.weight, hand.conv1.bias, hand.conv2.weight, hand.conv2.bias,
+                   hand.ip1.weight, hand.ip1.bias, hand.ip2.weight, hand.ip2.bias]
+    mults = [1, 2] * 4
+    history = [torch.zeros_like(p) for p in hand_params]
+
+    def hand_step():
+        for p in hand_params:
+            p.grad = None
+        loss = hand(x, y)
+        loss.backward()
+        with torch.no_grad():   # Caffe's SGD: v = m v + lr*mult*(g + wd*w); w -= v
+            for p, v, m in zip(hand_params, history, mults):
+                g = p.grad.add(p, alpha=0.0005)
+                v.mul_(0.9).add_(g, alpha=0.01 * m)
+                p.sub_(v)
+
+    result = compare([("trainer", trainer_step), ("hand-written torch", hand_step)],
+                     iters=args.iters, device=device)
+    print("LeNet training step, batch 64, 28x28, on %s" % machine())
+    for name, sec in result.items():
+        print("  %-20s %8.3f ms/iter  %8.0f images/s" % (name, sec * 1000, 64 / sec))
+    print("  ratio trainer / hand-written: %.3f (goal <= 1.05)"
+          % (result["trainer"] / result["hand-written torch"]))
+
+
+if __name__ == "__main__":
+    main()
