@@ -58,7 +58,38 @@ def report_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CaffeGroup(click.Group):
+    """The command group: a command-line mistake (unknown flag, bad flag value, unknown command)
+    is one glog ``F`` line and a non-zero exit, like the other user errors (gflags prints one
+    ``ERROR: ...`` line for Caffe), instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            if not standalone_mode:
+                raise
+            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+            if no_args and isinstance(exc, no_args):   # bare `trainer`: the help, as caffe does
+                exc.show()
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else (prog_name or "trainer")
+            glog.log("F", "%s (run '%s --help' for the flags)" % (exc.format_message(), command),
+                     where="caffe.cpp")
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            if not standalone_mode:
+                raise
+            glog.log("F", exc.format_message(), where="caffe.cpp")
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            glog.log("F", "Aborted.", where="trainer")
+            sys.exit(130)
+
+
+@click.group(cls=CaffeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="trainer", message="trainer %(version)s")
 def main():
     """Train and test Caffe models on PyTorch (a drop-in for the `caffe` tool).

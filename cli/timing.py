@@ -39,7 +39,7 @@ def time_command(model, weights, iterations, gpu, phase, level, stage, debug):
     if iterations < 1:
         raise CaffeError("--iterations must be at least 1", where="caffe.cpp:345")
     device, _ = devices.select(devices.parse_gpus(gpu), where_cpu="caffe.cpp:356")
-    net = Net(model, phase, level=level, stages=stages_from(stage))
+    net = Net(model, phase, level=level, stages=(stage or "").split(","))  # as caffe.cpp's boost::split
     if weights:
         net.copy_from(weights)
     net.to(device)

@@ -242,11 +242,14 @@ class Net(torch.nn.Module):
                 raise CaffeError("Unknown phase %s (use TRAIN or TEST)" % phase)
             phase = PHASES[phase]
         param.state.phase = phase
-        if level:
+        if not isinstance(net, caffe_pb2.NetParameter):
+            # Caffe's Net(file, phase, level, stages) constructor sets the level and appends
+            # the stages (pycaffe: level 0, no stage); a NetParameter keeps its own state.
             param.state.level = level
-        for stage in stages:
-            if stage not in param.state.stage:
-                param.state.stage.append(stage)
+            param.state.stage.extend(stages)
+        elif level or stages:
+            param.state.level = level
+            param.state.stage.extend(stages)
         self.phase = PHASE_NAMES[phase]
         self._build(param)
         for path in ([weights] if isinstance(weights, str) else (weights or [])):

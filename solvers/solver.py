@@ -16,6 +16,7 @@ SolverState has no field for (data position, smoothed-loss window, RNG states) g
 ``<solverstate>.trainer`` file beside it, which real Caffe ignores; a solverstate written by Caffe
 has none, and resumes as Caffe resumes it: data from the first record.
 """
+import hashlib
 import json
 import math
 import os
@@ -55,7 +56,10 @@ class Solver:
         self.smoothed_loss = 0.0
         self.requested = None          # "stop" | "snapshot" set by signal handlers
         self.requested_early_exit = False
+        # hooks: {"gradients_ready": [fn(solver, loss) -> loss]}; is_root: the one process that
+        # logs iteration lines, tests and snapshots (Caffe's root_solver) in data parallelism.
         self.hooks = hooks or {}
+        self.is_root = True
         self._check_param()
         if param.random_seed >= 0:
             torch.manual_seed(param.random_seed)
@@ -280,8 +284,10 @@ class Solver:
                 if total is not None:
                     if total.requires_grad:
                         total.backward()
-                    loss += float(total)
+                    loss += float(total.detach())
             loss /= p.iter_size
+            for hook in self.hooks.get("gradients_ready", ()):   # e.g. data-parallel all-reduce
+                loss = hook(self, loss)
             if not math.isfinite(loss):
                 self._non_finite(loss)
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
@@ -307,7 +313,8 @@ class Solver:
                 self.sparsity.mask_weights()
             self.iter += 1
             request = self._take_request()
-            if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
+            if ((p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot") \
+                    and self.is_root:
                 self.snapshot()
             if request == "stop":
                 self.requested_early_exit = True
@@ -373,7 +380,7 @@ class Solver:
                     break
                 total = net.run()
                 if p.test_compute_loss and total is not None:
-                    loss += float(total)
+                    loss += float(total.detach())
                 values = [net._data[name].reshape(-1) for name in net.outputs]
                 flat = torch.cat([v.double() for v in values]) if values else torch.zeros(0)
                 scores = flat.clone() if scores is None else scores + flat
@@ -444,7 +451,9 @@ class Solver:
         glog.info("Snapshotting solver state to binary proto file " + path,
                   where="sgd_solver.cpp:284")
         write_solverstate(path, state)
-        atomic_write(path + ".trainer", json.dumps(self._extra_state()).encode())
+        extra = self._extra_state()
+        extra["solverstate_sha256"] = hashlib.sha256(state.SerializeToString()).hexdigest()
+        atomic_write(path + ".trainer", json.dumps(extra).encode())
         return model
 
     def _extra_state(self):
@@ -490,8 +499,19 @@ class Solver:
             with torch.no_grad():
                 h.copy_(torch.from_numpy(arr.reshape(tuple(h.shape))))
         sidecar = path + ".trainer"
+        extra = None
         if os.path.exists(sidecar):
-            extra = json.load(open(sidecar))
+            try:
+                extra = json.load(open(sidecar))
+            except ValueError:
+                extra = {}
+            if extra.get("solverstate_sha256") != hashlib.sha256(
+                    state.SerializeToString()).hexdigest():
+                glog.warning("Ignoring %s: it does not belong to this solverstate (written for "
+                             "another file). Resuming as Caffe does: data from the first record."
+                             % sidecar, where="solver.py:1")
+                extra = None
+        if extra is not None:
             lr_state.update(extra.get("lr", {}))
             if extra.get("losses") is not None:
                 self._resume_window = (list(extra["losses"]), float(extra["smoothed_loss"]),

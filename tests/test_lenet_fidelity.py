@@ -100,4 +100,8 @@ def test_resume_from_caffe_solverstate(lenet_case):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = caffelog.parse(open(case / "train_resume.log").read())
     ours = caffelog.parse(resumed.stderr)
-    assert caffelog.compare(ours, ref) == []
+    # Our first run left a .trainer sidecar (data position) beside the name; it belongs to our
+    # solverstate, not to Caffe's, so it must be ignored with a warning.
+    warnings = [e for e in ours if e[0] == "W"]
+    assert len(warnings) == 1 and "does not belong to this solverstate" in warnings[0][2]
+    assert caffelog.compare([e for e in ours if e[0] != "W"], ref) == []
