@@ -153,6 +153,56 @@ def shape_string(shape):
     return "".join("%d " % d for d in shape) + "(%d)" % count(shape)
 
 
+# Set by ``trainer train --allow-python-layers``; Python layers are refused either way (nothing
+# named by a net file is ever imported or run), the flag only changes what the error says.
+ALLOW_PYTHON_LAYERS = False
+
+
+def python_layer_message(lp):
+    pp = lp.python_param
+    what = "Layer '%s' is a Python layer (python_param module '%s', layer '%s')" % (
+        lp.name, pp.module, pp.layer)
+    if ALLOW_PYTHON_LAYERS:
+        return (what + ": Python layers are not supported by trainer, even with "
+                "--allow-python-layers (it never imports or runs code named by a net file). "
+                "Replace it by built-in layers.")
+    return (what + ": refused, since it would import and run code named by the net file. "
+            "Python layers are not supported by trainer; replace it by built-in layers.")
+
+
+# Exceptions a layer's setup raises on parameters it does not check itself (a filler with
+# min > max, a zero or negative size): reported with the layer's name (not as an internal error).
+_SETUP_ERRORS = (RuntimeError, ValueError, ZeroDivisionError, OverflowError, IndexError,
+                 TypeError, ArithmeticError)
+
+
+def _setup_error(lp, bottom_shapes, what, exc):
+    """Raise ``exc`` as a CaffeError naming the layer (out-of-memory errors stay as they are)."""
+    low = str(exc).lower()
+    if "out of memory" in low or "can't allocate memory" in low:
+        raise exc
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    raise CaffeError("Layer '%s' (type %s) could not %s with its parameters and bottom shapes "
+                      "%s: %s: %s" % (lp.name, lp.type, what,
+                                      ", ".join(shape_string(s) for s in bottom_shapes) or "none",
+                                      type(exc).__name__, text), where="layer.hpp:72") from exc
+
+
+def check_top_shape(lp, top, shape):
+    """Caffe's Blob::Reshape checks: no negative axis, at most INT_MAX values."""
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise CaffeError("Check failed: shape[i] >= 0 (%d vs. 0) top '%s' of layer '%s' "
+                             "(type %s) would have shape %s" % (
+                                 d, top, lp.name, lp.type, " ".join(map(str, shape))),
+                             where="blob.cpp:26")
+    if count(shape) > 2147483647:
+        raise CaffeError("Check failed: count_ <= 2147483647 blob size exceeds INT_MAX: top '%s' "
+                         "of layer '%s' (type %s) would have shape %s" % (
+                             top, lp.name, lp.type, " ".join(map(str, shape))),
+                         where="blob.cpp:29")
+
+
 # ----------------------------------------------------------------------------- pycaffe views
 class BlobView:
     """``net.blobs[name]``: ``.data`` and ``.diff`` as numpy arrays, like pycaffe's Blob."""
@@ -293,6 +343,8 @@ class Net(torch.nn.Module):
             if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
                 raise CaffeError("propagate_down param must be specified either 0 or bottom_size "
                                  "times (layer %s)" % lp.name, where="net.cpp:77")
+            if lp.type in ("Python", "PYTHON"):
+                raise CaffeError(python_layer_message(lp), where="layer_factory.hpp:81")
             cls = registry.get(lp.type, lp.name)
             self._log("Creating layer %s" % lp.name, "layer_factory.hpp:77")
             for j, b in enumerate(lp.bottom):
@@ -301,7 +353,10 @@ class Net(torch.nn.Module):
                                      % (b, lp.name, j), where="net.cpp:417")
             bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
             check_blob_counts(cls, lp, len(lp.bottom), len(lp.top))
-            layer = cls(lp, bottom_shapes, self.phase)
+            try:
+                layer = cls(lp, bottom_shapes, self.phase)
+            except _SETUP_ERRORS as exc:
+                _setup_error(lp, bottom_shapes, "be set up", exc)
             self._log("Creating Layer %s" % lp.name, "net.cpp:86")
             need_backward = False
             bnb = []
@@ -327,7 +382,10 @@ class Net(torch.nn.Module):
             for where, text in layer.extra_log_lines():
                 self._log(text, where)
             self._log("Setting up %s" % lp.name, "net.cpp:124")
-            top_shapes = layer.top_shapes()
+            try:
+                top_shapes = layer.top_shapes()
+            except _SETUP_ERRORS as exc:
+                _setup_error(lp, bottom_shapes, "shape its tops", exc)
             if len(top_shapes) != len(tops):
                 raise CaffeError("Layer %s (%s) produces %d tops but %d are named"
                                  % (lp.name, lp.type, len(top_shapes), len(tops)),
@@ -341,6 +399,7 @@ class Net(torch.nn.Module):
             else:
                 weights = [1.0 if (layer.is_loss and j == 0) else 0.0 for j in range(len(tops))]
             for j, (t, shape) in enumerate(zip(tops, top_shapes)):
+                check_top_shape(lp, t, shape)
                 self.blob_shapes[t] = tuple(shape)
                 self.blob_producer[t] = lp.name
                 self._log("Top shape: %s" % shape_string(shape), "net.cpp:131")
@@ -440,6 +499,58 @@ class Net(torch.nn.Module):
         for li in range(n):
             for j, t in enumerate(self.top_names[li]):
                 self._blob_loss_weight[t] = self.loss_weights[li][j]
+        self._install_label_checks()
+
+    def _install_label_checks(self):
+        """Let data layers refuse labels a SoftmaxWithLoss cannot take ([0, C) or its
+        ignore_label) while they read them on the CPU: the check costs no device sync, and the
+        error names the record; on a GPU torch would otherwise hit a device-side assert."""
+        for li, layer in enumerate(self.layer_modules):
+            if self.layer_types[li] not in ("SoftmaxWithLoss", "SOFTMAX_LOSS") or \
+                    len(self.bottom_names[li]) < 2 or not hasattr(layer, "channels"):
+                continue
+            source = self._source_of(li, self.bottom_names[li][1])
+            if source is None:
+                continue
+            si, top_index = source
+            check = getattr(self.layer_modules[si], "check_labels", None)
+            if check is not None:
+                ignore = layer.ignore_label if getattr(layer, "has_ignore_label", False) else None
+                check(top_index, int(layer.channels), ignore, self.layer_names[li])
+
+    def _source_of(self, li, blob):
+        """(layer index, top index) of the layer that produced ``blob`` for layer ``li``,
+        looking through Split layers; None when it is not a single data layer's top."""
+        for k in range(li - 1, -1, -1):
+            if blob not in self.top_names[k]:
+                continue
+            if self.layer_types[k] == "Split":
+                return self._source_of(k, self.bottom_names[k][0])
+            if getattr(self.layer_modules[k], "is_data", False) and \
+                    blob not in self.bottom_names[k]:
+                return k, self.top_names[k].index(blob)
+            return None
+        return None
+
+    def _forward_failed(self, li, bottoms, exc):
+        """A layer's forward raised: when a bottom's shape is not the one the layer was set up
+        for (data of another size than the first record's), that is the user's data, named
+        here; anything else is re-raised (an internal error)."""
+        layer = self.layer_modules[li]
+        setup = [tuple(s) for s in getattr(layer, "bottom_shapes", [])]
+        for j, b in enumerate(bottoms):
+            shape = tuple(b.shape)
+            if j < len(setup) and shape != setup[j]:
+                producer = self.blob_producer.get(self.bottom_names[li][j], "?")
+                raise CaffeError(
+                    "Layer '%s' (type %s) cannot take bottom '%s' of shape %s, which differs from "
+                    "the shape the net was set up with, %s (produced by layer '%s': do all its "
+                    "inputs have the same size?): %s" % (
+                        self.layer_names[li], self.layer_types[li], self.bottom_names[li][j],
+                        shape_string(shape), shape_string(setup[j]), producer,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else
+                        type(exc).__name__), where="net.cpp:577") from None
+        raise exc
 
     def refresh_param_views(self):
         """(Re)build ``net.params`` (after params were shared with another net)."""
@@ -502,7 +613,9 @@ class Net(torch.nn.Module):
                     "Check failed: this_blob->shape() == owner_blob->shape(): shared param '%s' "
                     "has shape %s in layer '%s' but %s in its owner layer '%s'"
                     % (name, shape_string(mine.shape), layer.name, shape_string(theirs.shape),
-                       owner.layer), where="net.cpp:513")
+                       owner.layer) + ". Give both layers the same num_output and input size, or "
+                    "set share_mode: PERMISSIVE on the param to share by element count.",
+                    where="net.cpp:513")
             if spec.HasField("lr_mult"):
                 if owner.has_lr and spec.lr_mult != owner.lr_mult:
                     raise CaffeError(
@@ -615,7 +728,12 @@ class Net(torch.nn.Module):
             if inputs is not None and self.layer_types[li] == "Input":
                 tops = [inputs[t] for t in self.top_names[li]]
             else:
-                tops = layer(*bottoms)
+                try:
+                    tops = layer(*bottoms)
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    if isinstance(exc, CaffeError) or "out of memory" in str(exc):
+                        raise
+                    self._forward_failed(li, bottoms, exc)
                 if isinstance(tops, torch.Tensor):
                     tops = (tops,)
             weights = self.loss_weights[li]

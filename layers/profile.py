@@ -52,7 +52,7 @@ class LayerwiseRunner:
     def loss(self, data):
         total = 0.0
         for li, j, w in self.net.loss_tops:
-            total += float(data[self.net.top_names[li][j]].sum()) * w
+            total += float(data[self.net.top_names[li][j]].detach().sum()) * w
         return total
 
     def backward(self, graphs, times=None):

@@ -3,8 +3,17 @@
 * Frozen BatchNorm that still drifts (the user's seed 001): in TRAIN, a BatchNorm layer without
   ``use_global_stats: true`` normalises with batch statistics and keeps overwriting its running
   mean/variance, whatever the ``lr_mult`` of its blobs or of the Scale after it. If the user froze
-  everything around it (its Scale, or ``base_lr: 0``), they expect a fixed model and get one whose
-  TEST outputs drift. We warn once per such layer, naming it and the fix.
+  everything around it, they expect a fixed model and get one whose TEST outputs drift. We warn
+  once per such layer (one ``W`` line naming the layer, why it looks frozen, and the fix) when:
+
+  - the solver's ``base_lr`` is 0; or
+  - the Scale layer after it has ``lr_mult: 0`` on every param it specifies (a Scale that gives
+    ``lr_mult: 0`` for its scale only still trains its bias: the line says so); or
+  - no layer connected to it (above or below, through any path) trains: every param there has
+    ``lr_mult: 0`` or receives no gradient (e.g. a distillation teacher whose loss has
+    ``loss_weight: 0``).
+
+  A BatchNorm that sits in a trained part of the net is normal fine-tuning and gets no warning.
 """
 from converters import glog
 
@@ -13,40 +22,99 @@ def _consumers(net, blob):
     return [li for li, bottoms in enumerate(net.bottom_names) if blob in bottoms]
 
 
-def _frozen(net, li):
-    return all(lr == 0 for lr in net.param_specs[li]) if net.param_specs[li] else True
+def _uses_global_stats(layer):
+    bn = layer.param.batch_norm_param
+    if bn.HasField("use_global_stats"):
+        return bn.use_global_stats
+    return False              # Caffe's default in TRAIN
+
+
+def _trains(net, li, base_lr):
+    """Whether layer ``li`` gets weight updates: some param learns and a gradient reaches it."""
+    if base_lr == 0 or not net.need_backward[li]:
+        return False
+    return any(b.requires_grad for b in net.layer_modules[li].blobs)
+
+
+def _scale_after(net, li):
+    """The first Scale layer reading the BatchNorm's top (in place or not), or None."""
+    top = net.top_names[li][0]
+    for c in range(li + 1, len(net.layer_modules)):
+        if top in net.bottom_names[c] and net.layer_types[c] == "Scale":
+            return c
+        if top in net.top_names[c] and top not in net.bottom_names[c]:
+            return None       # the name was rebound by another producer
+    return None
+
+
+def _connected(net, li):
+    """Indices of the layers above (fed by) and below (feeding) layer ``li``, transitively."""
+    n = len(net.layer_modules)
+    producer = {}             # (layer, bottom index) -> producing layer
+    last = {}
+    for k in range(n):
+        for j, b in enumerate(net.bottom_names[k]):
+            if b in last:
+                producer[(k, j)] = last[b]
+        for t in net.top_names[k]:
+            last[t] = k
+    parents = [[producer[(k, j)] for j in range(len(net.bottom_names[k])) if (k, j) in producer]
+               for k in range(n)]
+    children = [[] for _ in range(n)]
+    for k in range(n):
+        for p in parents[k]:
+            children[p].append(k)
+    seen = set()
+    for edges in (parents, children):
+        stack = [li]
+        while stack:
+            k = stack.pop()
+            for m in edges[k]:
+                if m not in seen and m != li:
+                    seen.add(m)
+                    stack.append(m)
+    return seen
 
 
 def frozen_batchnorm_layers(net, base_lr):
-    """[(bn layer name, reason)] for BatchNorm layers that will drift although frozen."""
+    """[(bn layer name, reason)] for BatchNorm layers that will drift although frozen.
+
+    ``reason`` says why the layer looks frozen (several reasons joined by "; ")."""
     found = []
     for li, layer in enumerate(net.layer_modules):
-        if net.layer_types[li] != "BatchNorm":
+        if net.layer_types[li] != "BatchNorm" or _uses_global_stats(layer):
             continue
-        bn = layer.param.batch_norm_param
-        uses_global = bn.use_global_stats if bn.HasField("use_global_stats") else False
-        if uses_global:
-            continue
+        reasons = []
         if base_lr == 0:
-            found.append((net.layer_names[li], "base_lr is 0"))
-            continue
-        top = net.top_names[li][0]
-        scales = [c for c in _consumers(net, top) if net.layer_types[c] == "Scale" and c > li]
-        # an in-place Scale consumes the same blob name later in the net
-        if not scales:
-            scales = [c for c in range(li + 1, len(net.layer_modules))
-                      if net.layer_types[c] == "Scale" and top in net.bottom_names[c]]
-        if scales and all(_frozen(net, c) for c in scales[:1]):
-            found.append((net.layer_names[li],
-                          "its Scale layer '%s' is frozen (lr_mult 0)" % net.layer_names[scales[0]]))
+            reasons.append("base_lr is 0")
+        sc = _scale_after(net, li)
+        if sc is not None:
+            specs = list(net.layer_modules[sc].param.param)
+            nblobs = len(net.layer_modules[sc].blobs)
+            if specs and all(s.lr_mult == 0 for s in specs):
+                name = net.layer_names[sc]
+                if len(specs) < nblobs:
+                    reasons.append(
+                        "its Scale layer '%s' has lr_mult 0 on its scale (its bias has no param "
+                        "spec, so it keeps lr_mult 1: add a second param { lr_mult: 0 "
+                        "decay_mult: 0 } to freeze it too)" % name)
+                else:
+                    reasons.append("its Scale layer '%s' is frozen (lr_mult 0)" % name)
+        if base_lr != 0 and not any(_trains(net, k, base_lr) for k in _connected(net, li)):
+            reasons.append("no layer above or below it trains (lr_mult 0, or no gradient "
+                           "reaches them)")
+        if reasons:
+            found.append((net.layer_names[li], "; ".join(reasons)))
     return found
 
 
 def warn_frozen_batchnorm(net, solver_param):
     for name, reason in frozen_batchnorm_layers(net, solver_param.base_lr):
         glog.warning(
-            "BatchNorm layer '%s' runs in TRAIN with use_global_stats false while %s: it still "
-            "normalises with batch statistics and updates its running mean/variance every "
-            "iteration, so the model keeps changing although it looks frozen. To freeze it, set "
-            "batch_norm_param { use_global_stats: true } in layer '%s'." % (name, reason, name),
+            "BatchNorm layer '%s' is not frozen: it runs in TRAIN with use_global_stats false "
+            "(Caffe's default in TRAIN) while %s. lr_mult: 0 does not stop it: every training "
+            "forward pass normalises with batch statistics and overwrites its running "
+            "mean/variance, which the TEST net uses, so test outputs drift although the net "
+            "looks frozen. To freeze it, set batch_norm_param { use_global_stats: true } in "
+            "layer '%s'." % (name, reason, name),
             where="traps.py:1")
