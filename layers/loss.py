@@ -46,7 +46,10 @@ def _legacy_dim(layer, shape, index):
 def _clamp_min_keep_grad(values, floor):
     """``max(values, floor)`` in value, but the gradient of ``values`` everywhere (Caffe's
     Backward ignores its forward clamps)."""
-    return values + (values.clamp_min(floor) - values).detach()
+    # torch.where picks the exact floor (no x - x + floor cancellation for huge values)
+    # while the gradient still flows to ``values`` everywhere.
+    floored = values.detach().clamp_min(floor)
+    return torch.where(values.detach() < floor, values - values.detach() + floored, values)
 
 
 def _normalizer(mode, outer, inner, valid_count=None):
@@ -179,7 +182,7 @@ class SoftmaxWithLoss(LossLayer):
                              self.ignore_label if self.has_ignore_label else _NO_IGNORE)
         # Caffe: -log(max(p, FLT_MIN)), i.e. at most -log(FLT_MIN) = 87.3365 per position (the
         # loss of a diverged Caffe net), while its gradient stays p - onehot.
-        nll = nll - (nll.detach() - _MAX_NLL).clamp_min_(0)
+        nll = torch.where(nll.detach() > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
         valid = None
         if self.has_ignore_label and self.normalization == VALID:
             valid = (lbl != self.ignore_label).sum()

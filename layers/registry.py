@@ -15,7 +15,7 @@ _REGISTRY = {}
 # registry has no import cycle with the layer modules.
 LAYER_MODULES = (
     "layers.data", "layers.vision", "layers.common", "layers.activation", "layers.normalization",
-    "layers.loss", "layers.ssd", "layers.annotated_data",
+    "layers.loss", "layers.ssd", "layers.annotated_data", "layers.misc",
 )
 _loaded = False
 
