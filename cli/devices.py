@@ -38,6 +38,8 @@ def select(gpus, where_cpu="caffe.cpp:197"):
             raise CaffeError("Check failed: error == cudaSuccess (101 vs. 0) invalid device "
                              "ordinal: GPU %d requested, %d available" % (g, count),
                              where="common.cpp:152")
+    from solvers.speed import configure_tf32
+    configure_tf32(False)       # Caffe's float32 in every command; `train --tf32` opts in
     glog.info("Using GPUs " + ", ".join(map(str, gpus)), where="caffe.cpp:213")
     for g in gpus:
         props = torch.cuda.get_device_properties(g)

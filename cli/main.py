@@ -47,7 +47,7 @@ def report_errors(func):
             if debug:
                 traceback.print_exc()
             text = str(exc).strip().splitlines()
-            if "out of memory" in str(exc).lower():
+            if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc):
                 glog.log("F", "Out of memory on the device: %s. Reduce batch_size." %
                          (text[0] if text else ""), where="trainer")
                 sys.exit(EXIT_FATAL)
@@ -106,6 +106,8 @@ def main():
 
 def _register():
     from cli import train, test, timing, device  # noqa: F401  (commands register themselves)
+    from cli import annoset  # noqa: F401
+    from cli import export  # noqa: F401
 
 
 def entry():

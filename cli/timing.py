@@ -28,9 +28,12 @@ def _fmt(x):
               help="Network phase (TRAIN or TEST).")
 @caffe_option("level", default=0, type=int, help="The NetState level.")
 @caffe_option("stage", default="", help="Comma-separated NetState stages.")
+@click.option("--explain-backward/--no-explain-backward", default=True, show_default=True,
+              help="Print why each layer runs backward and what it costs (FLOP estimates before "
+              "the benchmark, measured savings after it).")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
 @report_errors
-def time_command(model, weights, iterations, gpu, phase, level, stage, debug):
+def time_command(model, weights, iterations, gpu, phase, level, stage, explain_backward, debug):
     """Benchmark model execution time (caffe time)."""
     from layers.net import Net
     from layers.profile import LayerwiseRunner, _sync
@@ -44,6 +47,9 @@ def time_command(model, weights, iterations, gpu, phase, level, stage, debug):
         net.copy_from(weights)
     net.to(device)
     runner = LayerwiseRunner(net)
+    if explain_backward:
+        from layers.explain import log_table
+        log_table(net)
     glog.info("Performing Forward", where="caffe.cpp:364")
     data, graphs = runner.forward()
     glog.info("Initial loss: %s" % _fmt(runner.loss(data)), where="caffe.cpp:367")
@@ -84,3 +90,5 @@ def time_command(model, weights, iterations, gpu, phase, level, stage, debug):
               where="caffe.cpp:415")
     glog.info("Total Time: %s ms." % _fmt(total_ms), where="caffe.cpp:417")
     glog.info("*** Benchmark ends ***", where="caffe.cpp:418")
+    if explain_backward:
+        log_table(net, [t / iterations for t in bwd], summary_only=True)

@@ -26,4 +26,4 @@ def glog_capture():
     buf = io.StringIO()
     glog.configure(stream=buf, min_level=0)
     yield buf
-    glog.configure(stream=sys.stderr)
+    glog._State.stream = None       # back to whatever sys.stderr is at call time (capsys-safe)
