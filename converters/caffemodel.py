@@ -32,12 +32,23 @@ def atomic_write(path, data):
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    stem = "." + os.path.basename(path) + "."
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+        fd, tmp = tempfile.mkstemp(prefix="%s%d." % (stem, os.getpid()), suffix=".tmp",
                                    dir=directory)
     except OSError as exc:
         raise CaffeError("Cannot write %s: %s" % (path, exc.strerror or exc)) from None
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would: the
+        # existing file's, else 0666 minus the umask (as Caffe's snapshots get).
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~_umask()
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            pass
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,6 +70,39 @@ def atomic_write(path, data):
             os.close(dir_fd)
     except OSError:
         pass
+    _remove_stale_temporaries(directory)
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(directory):
+    """Temporary files left in ``directory`` by writers that were killed (kill -9, power loss)
+    in the middle of an atomic write: ``.<name>.<pid>.<random>.tmp`` whose process is gone."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        parts = name[:-len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue                    # its writer is alive
+        except ProcessLookupError:
+            pass
+        except OSError:                 # alive, owned by someone else
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
 
 
 def _read_bytes(path, what):

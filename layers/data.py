@@ -318,6 +318,8 @@ class LmdbDatumSource:
             self._next()
         return records
 
+    label_check = None     # (upper, ignore_label or None, consumer layer name): see check_labels
+
     def next_batch(self):
         records = self.read_records()
         whats = [self.reader.what(k) for k, _ in records]
@@ -325,8 +327,28 @@ class LmdbDatumSource:
         data = datums_to_batch(datums, self.transformer, whats)
         out = [torch.from_numpy(data)]
         if self.output_labels:
-            out.append(torch.from_numpy(np.asarray([d.label for d in datums], dtype=np.float32)))
+            labels = np.asarray([d.label for d in datums], dtype=np.float32)
+            if self.label_check is not None:
+                check_label_values(labels, self.label_check, whats)
+            out.append(torch.from_numpy(labels))
         return tuple(out)
+
+
+def check_label_values(labels, label_check, whats):
+    """Caffe's ``label_value < num_classes`` check of SoftmaxWithLoss, made on the CPU as the
+    batch is read (a label is ``static_cast<int>`` of the float)."""
+    upper, ignore, consumer = label_check
+    values = labels.astype(np.int64)
+    bad = (values < 0) | (values >= upper)
+    if ignore is not None:
+        bad &= values != ignore
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CaffeError("Check failed: label_value < num_classes: label %d of %s is outside "
+                         "[0, %d), the classes of layer %s (SoftmaxWithLoss)%s"
+                         % (values[i], whats[i], upper, consumer,
+                            "" if ignore is None else " and is not its ignore_label %d" % ignore),
+                         where="softmax_loss_layer.cpp:80")
 
 
 # ----------------------------------------------------------------------------- base classes
@@ -376,6 +398,10 @@ class _DataLayer(Layer):
 
     def reset(self):
         pass
+
+    def check_labels(self, top_index, upper, ignore_label, consumer):
+        """Asked by the Net for a top that is a SoftmaxWithLoss's label: refuse values outside
+        [0, upper) other than ``ignore_label`` as batches are read (layers that can, do)."""
 
     # the names the solver looks for when it snapshots / restores (solvers/solver.py)
     def state_dict_position(self):
@@ -476,6 +502,13 @@ class Data(_PrefetchingDataLayer):
 
     def _initial_state(self):
         return {"index": 0, "key": None, "offset": 0, "rng": self._start_rng}
+
+    def check_labels(self, top_index, upper, ignore_label, consumer):
+        if top_index != 1 or not self.output_labels:
+            return
+        self.source.label_check = (int(upper), ignore_label, consumer)
+        # batches read ahead before the check was known are read again (same position)
+        self.prefetcher.seek(self.prefetcher.position)
 
     def shard(self, rank, world_size):
         """Caffe's multi-solver Skip(): in TRAIN, this solver keeps the records whose running

@@ -535,7 +535,7 @@ class Net(torch.nn.Module):
     def _forward_failed(self, li, bottoms, exc):
         """A layer's forward raised: when a bottom's shape is not the one the layer was set up
         for (data of another size than the first record's), that is the user's data, named
-        here; anything else is re-raised (an internal error)."""
+        here; anything else names the layer (degenerate parameters Caffe does not check)."""
         layer = self.layer_modules[li]
         setup = [tuple(s) for s in getattr(layer, "bottom_shapes", [])]
         for j, b in enumerate(bottoms):
@@ -550,7 +550,13 @@ class Net(torch.nn.Module):
                         shape_string(shape), shape_string(setup[j]), producer,
                         str(exc).strip().splitlines()[0] if str(exc).strip() else
                         type(exc).__name__), where="net.cpp:577") from None
-        raise exc
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise CaffeError(
+            "Layer '%s' (type %s) failed in forward on bottoms %s: %s: %s (if the layer's "
+            "parameters are valid, this is a bug of trainer: run again with --debug and report "
+            "it)" % (self.layer_names[li], self.layer_types[li],
+                     ", ".join(shape_string(tuple(b.shape)) for b in bottoms) or "none",
+                     type(exc).__name__, text), where="net.cpp:577") from exc
 
     def refresh_param_views(self):
         """(Re)build ``net.params`` (after params were shared with another net)."""
@@ -731,7 +737,7 @@ class Net(torch.nn.Module):
                 try:
                     tops = layer(*bottoms)
                 except (RuntimeError, ValueError, IndexError) as exc:
-                    if isinstance(exc, CaffeError) or "out of memory" in str(exc):
+                    if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
                         raise
                     self._forward_failed(li, bottoms, exc)
                 if isinstance(tops, torch.Tensor):

@@ -111,14 +111,7 @@ class Solver:
         if (p.snapshot or p.snapshot_after_train) and not prefix:
             raise CaffeError("In solver params, snapshot is specified but snapshot_prefix is not")
         if prefix and (p.snapshot or p.snapshot_after_train):
-            directory = os.path.dirname(prefix) or "."
-            if not os.path.isdir(directory):
-                raise CaffeError("snapshot_prefix %s: directory %s does not exist (snapshots "
-                                 "would fail after training)" % (prefix, directory),
-                                 where="solver.cpp:448")
-            if not os.access(directory, os.W_OK):
-                raise CaffeError("snapshot_prefix %s: directory %s is not writable"
-                                 % (prefix, directory), where="solver.cpp:448")
+            check_snapshot_directory(prefix)
 
     def _test_net_count_from_net(self):
         return 1
@@ -243,7 +236,9 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             with torch.no_grad():
                 loss = self._forward_loss()
-            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            # the window of step() (for a run resumed from our own snapshot, its original start)
+            self._update_smoothed_loss(loss, getattr(self, "_step_start", start_iter),
+                                       p.average_loss)
             glog.info("Iteration %d, loss = %s" % (self.iter, _fmt(self.smoothed_loss)),
                       where="solver.cpp:327")
         if p.test_interval and self.iter % p.test_interval == 0:
@@ -269,6 +264,7 @@ class Solver:
         last_iter = self.iter
         params = [lp.tensor for lp in self.net.learnable_params]
         self._last_good = [t.detach().clone() for t in params]
+        self._last_good_from = self.iter    # NaN path: _last_good is the previous iteration's after
         while self.iter < stop_iter:
             for t in params:
                 t.grad = None
@@ -345,13 +341,57 @@ class Solver:
                 index += 1
 
     def _non_finite(self, loss):
+        """Stop on a NaN/inf loss: name the iteration, the first top (in layer order) and the
+        first learnable blob that went non-finite, and save the last finite state first."""
         culprit = self.net.first_non_finite()
         where = (" First non-finite blob: '%s' (top of layer '%s', type %s)." % culprit
                  if culprit else "")
-        path = self.snapshot(suffix="_last_finite", restore_previous=True)
-        raise NonFiniteLoss("Iteration %d: loss is %s.%s The weights before this iteration were "
-                            "saved to %s." % (self.iter, _fmt(loss), where, path),
+        bad_param = self._first_non_finite_param()
+        if bad_param is not None:
+            where += " First non-finite weights: param %d of layer '%s'." % bad_param[::-1]
+        if not self.is_root:
+            raise NonFiniteLoss("Iteration %d: loss is %s.%s" % (self.iter, _fmt(loss), where),
+                                where="solver.cpp:239")
+        iteration, reset_history = self.iter, False
+        last_good = getattr(self, "_last_good", None)
+        if last_good is not None and self.iter > getattr(self, "_last_good_from", self.iter):
+            # Go back to the weights of the previous iteration, the last ones whose loss was
+            # finite (the update that followed may have made them non-finite, or so large that
+            # this iteration overflowed). Their momentum history is gone (that update
+            # overwrote it), so the snapshot's history starts again from zero.
+            params = [lp.tensor for lp in self.net.learnable_params]
+            with torch.no_grad():
+                torch._foreach_copy_(params, last_good)
+            iteration, reset_history = self.iter - 1, True
+        elif any(not bool(torch.isfinite(h).all()) for h in self.update.history):
+            reset_history = True
+        still = self._first_non_finite_param()
+        if still is not None:
+            raise NonFiniteLoss("Iteration %d: loss is %s.%s No finite state to save: param %d "
+                                "of layer '%s' is not finite in the previous iteration either "
+                                "(non-finite weights loaded from --weights / --snapshot, or "
+                                "statistics that are not learnable); no snapshot written."
+                                % (self.iter, _fmt(loss), where, still[1], still[0]),
+                                where="solver.cpp:239")
+        if reset_history:
+            glog.warning("The last finite state is that of iteration %d; its momentum/history "
+                         "is reset to zero in the snapshot." % iteration, where="solver.py")
+        path = self.snapshot(suffix="_last_finite", iteration=iteration,
+                             zero_history=reset_history)
+        raise NonFiniteLoss("Iteration %d: loss is %s.%s The last finite state (the weights of "
+                            "iteration %d) was saved to %s and %s." % (
+                                self.iter, _fmt(loss), where, iteration, path,
+                                self.snapshot_filename(".solverstate", "_last_finite",
+                                                       iteration)),
                             where="solver.cpp:239")
+
+    def _first_non_finite_param(self):
+        """(layer name, blob index) of the first blob of the train net holding a NaN or inf."""
+        for name, layer in self.net.layer_dict.items():
+            for i, blob in enumerate(layer.blobs):
+                if blob.is_floating_point() and not bool(torch.isfinite(blob).all()):
+                    return name, i
+        return None
 
     # ------------------------------------------------------------------ test
     def test_all(self):
@@ -361,6 +401,9 @@ class Solver:
             self.test(i)
 
     def test(self, i):
+        if self.param.eval_type == "detection":     # SSD-Caffe's Solver::TestDetection
+            from solvers.detection_eval import test_detection
+            return test_detection(self, i)
         net = self.test_nets[i]
         p = self.param
         glog.info("Iteration %d, Testing net (#%d)" % (self.iter, i), where="solver.cpp:347")
@@ -414,30 +457,29 @@ class Solver:
         return request
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot_filename(self, ext, suffix=""):
-        return "%s_iter_%d%s%s" % (self.param.snapshot_prefix, self.iter, suffix, ext)
+    def snapshot_filename(self, ext, suffix="", iteration=None):
+        return "%s_iter_%d%s%s" % (self.param.snapshot_prefix,
+                                   self.iter if iteration is None else iteration, suffix, ext)
 
-    def snapshot(self, suffix="", restore_previous=False):
-        """Caffe's Solver::Snapshot: .caffemodel then .solverstate (+ our .trainer sidecar)."""
-        from converters.caffemodel import atomic_write, write_solverstate
+    def snapshot(self, suffix="", iteration=None, zero_history=False):
+        """Caffe's Solver::Snapshot: .caffemodel then .solverstate (+ our .trainer sidecar).
+
+        Every file is written atomically (a complete file or none under its final name); the
+        sidecar is written before the solverstate it belongs to, so a solverstate that exists
+        always has its sidecar. ``iteration`` / ``zero_history``: the NaN path's last finite
+        state (weights of an earlier iteration, history reset)."""
+        from converters.caffemodel import atomic_write
         if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             raise CaffeError("snapshot_format HDF5 is not supported; use BINARYPROTO",
                              where="solver.cpp:450")
-        if restore_previous and getattr(self, "_last_good", None) is not None:
-            # Keep the current weights if they are finite (they only produced a bad loss);
-            # otherwise go back to the ones of the last iteration with a finite loss.
-            tensors = [lp.tensor for lp in self.net.learnable_params]
-            if not all(bool(torch.isfinite(t).all()) for t in tensors):
-                with torch.no_grad():
-                    torch._foreach_copy_(tensors, self._last_good)
-        model = self.snapshot_filename(".caffemodel", suffix)
+        model = self.snapshot_filename(".caffemodel", suffix, iteration)
         glog.info("Snapshotting to binary proto file " + model, where="solver.cpp:464")
         if self.sparsity is not None:
             self.sparsity.log("snapshot")
         proto = self.net.to_proto()
         atomic_write(model, proto.SerializeToString())
         state = caffe_pb2.SolverState()
-        state.iter = self.iter
+        state.iter = self.iter if iteration is None else iteration
         state.learned_net = model
         lr_state = self.lr.state_dict()
         state.current_step = lr_state.get("current_step", 0)
@@ -446,14 +488,17 @@ class Solver:
             state.iter_last_event = lr_state["iter_last_event"]
         from converters.caffemodel import array_to_blob
         for h in self.update.history:
-            state.history.add().CopyFrom(array_to_blob(h.detach().cpu().numpy()))
-        path = self.snapshot_filename(".solverstate", suffix)
+            h = h.detach().cpu().numpy()
+            state.history.add().CopyFrom(array_to_blob(np.zeros_like(h) if zero_history else h))
+        path = self.snapshot_filename(".solverstate", suffix, iteration)
         glog.info("Snapshotting solver state to binary proto file " + path,
                   where="sgd_solver.cpp:284")
-        write_solverstate(path, state)
+        data = state.SerializeToString()
         extra = self._extra_state()
-        extra["solverstate_sha256"] = hashlib.sha256(state.SerializeToString()).hexdigest()
+        extra["iter"] = state.iter
+        extra["solverstate_sha256"] = hashlib.sha256(data).hexdigest()
         atomic_write(path + ".trainer", json.dumps(extra).encode())
+        atomic_write(path, data)
         return model
 
     def _extra_state(self):
@@ -481,7 +526,16 @@ class Solver:
         state = read_solverstate(path)
         self.iter = state.iter
         if state.HasField("learned_net"):
-            self.net.copy_from(read_caffemodel(state.learned_net))
+            learned = state.learned_net
+            beside = os.path.join(os.path.dirname(path), os.path.basename(learned))
+            if not os.path.exists(learned) and os.path.exists(beside):
+                learned = beside     # Caffe resolves it against the cwd; also look beside path
+            if not os.path.exists(learned):
+                raise CaffeError("Solver state %s refers to the weights %s (learned_net), which "
+                                 "do not exist (neither relative to the working directory nor "
+                                 "beside the solverstate)" % (path, state.learned_net),
+                                 where="sgd_solver.cpp:325")
+            self.net.copy_from(read_caffemodel(learned))
         lr_state = {"current_step": state.current_step}
         if self.param.lr_policy == "plateau":
             lr_state.update(minimum_loss=state.minimum_loss, iter_last_event=state.iter_last_event)
@@ -502,8 +556,11 @@ class Solver:
         extra = None
         if os.path.exists(sidecar):
             try:
-                extra = json.load(open(sidecar))
-            except ValueError:
+                with open(sidecar) as f:
+                    extra = json.load(f)
+                if not isinstance(extra, dict):
+                    extra = {}
+            except (ValueError, OSError, UnicodeDecodeError):
                 extra = {}
             if extra.get("solverstate_sha256") != hashlib.sha256(
                     state.SerializeToString()).hexdigest():
@@ -531,6 +588,29 @@ class Solver:
         if self.keep_sparsity:       # the restored weights define what is pruned
             from solvers.sparsity import SparsityMasks
             self.sparsity = SparsityMasks(self.net)
+
+
+def check_snapshot_directory(prefix):
+    """Refuse, before training, a snapshot_prefix whose snapshots could not be written (Caffe
+    finds out only when it snapshots, after hours of training): the directory must exist and
+    a file must be creatable in it (a real probe: permission bits do not tell for root, for
+    read-only file systems or for quotas)."""
+    import tempfile
+    directory = os.path.dirname(prefix) or "."
+    if not os.path.exists(directory):
+        raise CaffeError("snapshot_prefix %s: directory %s does not exist (snapshots would fail "
+                         "after training)" % (prefix, directory), where="solver.cpp:448")
+    if not os.path.isdir(directory):
+        raise CaffeError("snapshot_prefix %s: %s is not a directory (snapshots would fail after "
+                         "training)" % (prefix, directory), where="solver.cpp:448")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trainer_probe_", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CaffeError("snapshot_prefix %s: directory %s is not writable (%s; snapshots would "
+                         "fail after training)" % (prefix, directory, exc.strerror or exc),
+                         where="solver.cpp:448") from None
 
 
 def _solver_text(param):

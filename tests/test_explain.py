@@ -54,7 +54,7 @@ def run_cli(args, cwd=ROOT):
         result = CliRunner().invoke(main, args, catch_exceptions=True)
     finally:
         os.chdir(old_cwd)
-        glog.configure(stream=sys.stderr)
+        glog._State.stream = None   # follow sys.stderr at call time again
         for s, h in handlers.items():
             signal.signal(s, h)
     exc = result.exception
