@@ -151,7 +151,9 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
         if speed.active():
             speed_modes.apply(trainer, speed)
         glog.info("Starting Optimization", where="caffe.cpp:239")
-        trainer.solve()
+        from cli.progress import progress_bar
+        with progress_bar(trainer):
+            trainer.solve()
     finally:
         restore_signal_handlers(previous)
     glog.info("Optimization Done.", where="caffe.cpp:250")

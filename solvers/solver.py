@@ -308,6 +308,8 @@ class Solver:
             if self.sparsity is not None:
                 self.sparsity.mask_weights()
             self.iter += 1
+            for hook in self.hooks.get("iteration_done", ()):   # e.g. the CLI's progress bar
+                hook(self)
             request = self._take_request()
             if ((p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot") \
                     and self.is_root:
