@@ -86,8 +86,9 @@ class Solver:
         if keep_sparsity:
             from solvers.sparsity import SparsityMasks
             self.sparsity = SparsityMasks(self.net)
-        from solvers.traps import warn_frozen_batchnorm
+        from solvers.traps import warn_frozen_batchnorm, warn_unlearned_global_stats
         warn_frozen_batchnorm(self.net, param)
+        warn_unlearned_global_stats(self.net)
         glog.info("Solver scaffolding done.", where="solver.cpp:57")
 
     # ------------------------------------------------------------------ setup
@@ -406,6 +407,9 @@ class Solver:
         if self.param.eval_type == "detection":     # SSD-Caffe's Solver::TestDetection
             from solvers.detection_eval import test_detection
             return test_detection(self, i)
+        if self.param.eval_type != "classification":
+            raise CaffeError("Unknown evaluation type: %s" % self.param.eval_type,
+                             where="solver.cpp:412")
         net = self.test_nets[i]
         p = self.param
         glog.info("Iteration %d, Testing net (#%d)" % (self.iter, i), where="solver.cpp:347")

@@ -118,3 +118,33 @@ def warn_frozen_batchnorm(net, solver_param):
             "looks frozen. To freeze it, set batch_norm_param { use_global_stats: true } in "
             "layer '%s'." % (name, reason, name),
             where="traps.py:1")
+
+
+def unlearned_global_stats_layers(net):
+    """BatchNorm layers of a TRAIN net told to use global statistics that were never learned.
+
+    Caffe then scales the stored (zero) mean and variance by 0 (its moving-average factor is 0),
+    so the layer divides by sqrt(eps): about 316x for the default eps. Seed 003's pretraining
+    net did exactly this while training from scratch, and diverged.
+    """
+    found = []
+    for li, layer in enumerate(net.layer_modules):
+        if net.layer_types[li] != "BatchNorm":
+            continue
+        bn = layer.param.batch_norm_param
+        if not (bn.HasField("use_global_stats") and bn.use_global_stats):
+            continue
+        if len(layer.blobs) >= 3 and float(layer.blobs[2].detach().abs().sum()) == 0.0:
+            found.append(net.layer_names[li])
+    return found
+
+
+def warn_unlearned_global_stats(net):
+    for name in unlearned_global_stats_layers(net):
+        glog.warning(
+            "BatchNorm layer '%s' uses global statistics (use_global_stats: true) in TRAIN, but "
+            "they were never learned (moving-average factor 0, no weights loaded for it): it "
+            "divides by sqrt(eps) instead of the batch's standard deviation, so activations "
+            "are amplified and training may diverge. Load a caffemodel that has its statistics, "
+            "or leave use_global_stats unset while training from scratch." % name,
+            where="traps.py:2")

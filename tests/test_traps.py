@@ -133,3 +133,23 @@ def test_config_is_small_and_complete():
     blobs = {lp.name: [blob_to_array(b) for b in lp.blobs] for lp in model.layer}
     assert float(blobs["res2_1a_1_bn"][2][0]) == 1.0          # moving-average factor 1
     assert np.all(blobs["res2_1a_1_bn"][1] > 0)
+
+
+def test_unlearned_global_stats_are_reported():
+    """Seed 003: use_global_stats true while training from scratch divides by sqrt(eps)."""
+    from converters import caffe_pb2
+    from converters.prototxt import parse_text
+    from layers.net import Net
+    from solvers.traps import unlearned_global_stats_layers
+    text = """
+    layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
+    layer { name: "bn_fixed" type: "BatchNorm" bottom: "x" top: "a"
+            batch_norm_param { use_global_stats: true } }
+    layer { name: "bn_batch" type: "BatchNorm" bottom: "x" top: "b" }
+    """
+    net = Net(parse_text(text, caffe_pb2.NetParameter(), "t"), "TRAIN", log=False)
+    assert unlearned_global_stats_layers(net) == ["bn_fixed"]
+    import torch
+    with torch.no_grad():
+        net.layer_dict["bn_fixed"].blobs[2].fill_(1.0)     # statistics loaded from a caffemodel
+    assert unlearned_global_stats_layers(net) == []
