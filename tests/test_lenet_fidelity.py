@@ -105,3 +105,42 @@ def test_resume_from_caffe_solverstate(lenet_case):
     warnings = [e for e in ours if e[0] == "W"]
     assert len(warnings) == 1 and "does not belong to this solverstate" in warnings[0][2]
     assert caffelog.compare([e for e in ours if e[0] != "W"], ref) == []
+
+
+def _parse_log_like_caffe_tools(text):
+    """What Caffe's tools/extra/parse_log.py extracts: its regexes, its 'Solving' start line and
+    its timestamp parsing (month/day from the glog prefix, then the time)."""
+    import re
+    regex_iteration = re.compile(r"Iteration (\d+)")
+    regex_train = re.compile(r"Train net output #(\d+): (\S+) = ([\.\deE+-]+)")
+    regex_test = re.compile(r"Test net output #(\d+): (\S+) = ([\.\deE+-]+)")
+    regex_lr = re.compile(r"lr = ([-+]?[0-9]*\.?[0-9]+([eE]?[-+]?[0-9]+)?)")
+    started, iteration, rows = False, -1, []
+    for line in text.splitlines():
+        if "Solving" in line:
+            started = True
+            stamp = line.strip().split()[0:2]
+            int(stamp[0][1:3]), int(stamp[0][3:5])       # month, day: must parse
+        if not started:
+            continue
+        m = regex_iteration.search(line)
+        if m:
+            iteration = int(m.group(1))
+        for kind, rx in (("train", regex_train), ("test", regex_test)):
+            m = rx.search(line)
+            if m:
+                rows.append((kind, iteration, m.group(2), float(m.group(3))))
+        m = regex_lr.search(line)
+        if m:
+            rows.append(("lr", iteration, "lr", float(m.group(1))))
+    return started, rows
+
+
+def test_caffe_parse_log_reads_our_log(lenet_case):
+    case, proc = lenet_case
+    ours_started, ours = _parse_log_like_caffe_tools(proc.stderr)
+    ref_started, ref = _parse_log_like_caffe_tools(open(case / "train.log").read())
+    assert ours_started and ref_started
+    assert [r[:3] for r in ours] == [r[:3] for r in ref]
+    for a, b in zip(ours, ref):
+        assert abs(a[3] - b[3]) <= 1e-3 * abs(b[3]) + 1e-7, (a, b)
