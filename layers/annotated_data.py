@@ -49,7 +49,9 @@ import torch
 
 from converters import glog
 from converters.errors import CaffeError
-from layers.data import LmdbReader, _DataLayer, _key_bytes, _key_str, transform_param_of
+from layers.data import (LmdbReader, _DataLayer, _key_bytes, _key_str, check_lmdb_data_param,
+                         transform_param_of)
+from layers.prefetch import take
 from layers.registry import register
 from layers.sampler import AnnotatedItemTransformer, F32
 from layers.transform import read_mean_file, seed_from_torch
@@ -401,17 +403,7 @@ class AnnotatedBatches:
             return batch
         if self._thread is None:
             self.start()
-        try:
-            item = self._queue.get_nowait()
-        except queue.Empty:
-            _log_wait()
-            while True:
-                try:
-                    item = self._queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
-                        raise RuntimeError("data prefetch thread %s died" % self.name)
+        item = take(self._queue, self._thread, self.name, _log_wait)
         before, batch, after = item
         if isinstance(before, str) and before == "__error__":
             self._queue.put(item)
@@ -434,21 +426,7 @@ class AnnotatedData(_DataLayer):
         pb2 = _pb2()
         dp = param.data_param
         ap = param.annotated_data_param
-        source = dp.source
-        if not source:
-            self.fail("data_param.source is not set")
-        if dp.backend == pb2.DataParameter.LEVELDB:
-            is_lmdb = os.path.isfile(os.path.join(source, "data.mdb"))
-            if dp.HasField("backend") or not is_lmdb:
-                self.fail("The LEVELDB backend is not supported (source %s); convert the "
-                          "database to LMDB and set data_param { backend: LMDB }" % source,
-                          "db.cpp:25")
-            glog.warning("data_param.backend is not set (Caffe's default is LEVELDB); reading "
-                         "%s as LMDB" % source, where="annotated_data.py")
-        if dp.batch_size <= 0:
-            self.fail("data_param.batch_size must be positive (got %d)" % dp.batch_size,
-                      "data_layer.cpp:31")
-        self.batch_size = int(dp.batch_size)
+        source, self.batch_size = check_lmdb_data_param(self, dp, "annotated_data.py")
         self.output_labels = len(param.top) > 1
         tp = transform_param_of(param, dp)
         if tp.HasField("resize_param") and \

@@ -445,6 +445,28 @@ class _PrefetchingDataLayer(_DataLayer):
             self.prefetcher.stop()
 
 
+def check_lmdb_data_param(layer, dp, tag):
+    """Caffe's checks of a DataParameter for an LMDB-reading layer (Data, AnnotatedData):
+    source set, LMDB backend (an unset backend on an LMDB folder is read as LMDB with a warning,
+    since Caffe's default is LEVELDB), positive batch_size. Returns (source, batch_size)."""
+    pb2 = _caffe_pb2()
+    source = dp.source
+    if not source:
+        layer.fail("data_param.source is not set")
+    if dp.backend == pb2.DataParameter.LEVELDB:
+        is_lmdb = os.path.isfile(os.path.join(source, "data.mdb"))
+        if dp.HasField("backend") or not is_lmdb:
+            layer.fail("The LEVELDB backend is not supported (source %s); convert the "
+                       "database to LMDB and set data_param { backend: LMDB }" % source,
+                       "db.cpp:25")
+        glog.warning("data_param.backend is not set (Caffe's default is LEVELDB); reading "
+                     "%s as LMDB" % source, where=tag)
+    if dp.batch_size <= 0:
+        layer.fail("data_param.batch_size must be positive (got %d)" % dp.batch_size,
+                   "data_layer.cpp:31")
+    return source, int(dp.batch_size)
+
+
 # ----------------------------------------------------------------------------- Data
 @register("Data", "DATA")
 class Data(_PrefetchingDataLayer):
@@ -456,23 +478,7 @@ class Data(_PrefetchingDataLayer):
     def __init__(self, param, bottom_shapes, phase="TRAIN", rank=0, world_size=1):
         super().__init__(param, bottom_shapes, phase)
         dp = param.data_param
-        pb2 = _caffe_pb2()
-        source = dp.source
-        if not source:
-            self.fail("data_param.source is not set")
-        backend = dp.backend
-        if backend == pb2.DataParameter.LEVELDB:
-            is_lmdb = os.path.isfile(os.path.join(source, "data.mdb"))
-            if dp.HasField("backend") or not is_lmdb:
-                self.fail("The LEVELDB backend is not supported (source %s); convert the "
-                          "database to LMDB and set data_param { backend: LMDB }" % source,
-                          "db.cpp:25")
-            glog.warning("data_param.backend is not set (Caffe's default is LEVELDB); reading "
-                         "%s as LMDB" % source, where="data.py")
-        if dp.batch_size <= 0:
-            self.fail("data_param.batch_size must be positive (got %d)" % dp.batch_size,
-                      "data_layer.cpp:31")
-        self.batch_size = int(dp.batch_size)
+        source, self.batch_size = check_lmdb_data_param(self, dp, "data.py")
         self.source_path = source
         self.output_labels = len(param.top) != 1
         self.reader = LmdbReader(source, self.name)

@@ -46,6 +46,21 @@ def prefetch_disabled():
 
 
 _ERROR = object()
+
+
+def take(q, thread, name, log_wait=_log_wait):
+    """The next item of a prefetch queue. Waits as Caffe's BlockingQueue::pop does (logging the
+    wait through ``log_wait``) and fails clearly if the producing thread died."""
+    try:
+        return q.get_nowait()
+    except queue.Empty:
+        log_wait()
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            if not thread.is_alive() and q.empty():
+                raise RuntimeError("data prefetch thread %s died" % name)
 _POLL = 0.05
 
 
@@ -167,17 +182,7 @@ class Prefetcher:
             return batch
         if self._thread is None:
             self.start()
-        try:
-            item = self._queue.get_nowait()
-        except queue.Empty:
-            _log_wait()
-            while True:
-                try:
-                    item = self._queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
-                        raise RuntimeError("data prefetch thread %s died" % self.name)
+        item = take(self._queue, self._thread, self.name)
         before, batch, after = item
         if before is _ERROR:
             # Keep raising the same error on later calls (the producer has stopped).
