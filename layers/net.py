@@ -332,6 +332,7 @@ class Net(torch.nn.Module):
         memory = 0
         param_names = {}      # shared param name -> (layer idx, param idx, LearnableParam)
         self.learnable_params = []
+        self._owners = {}     # (layer, param) -> (owner layer, owner param) for shared blobs
         self.param_specs = []  # per layer: list of (lr_mult, decay_mult, requires_grad)
         if len(param.input) or len(param.input_dim) or len(param.input_shape):
             raise CaffeError("Legacy net inputs should have been upgraded to an Input layer",
@@ -584,12 +585,10 @@ class Net(torch.nn.Module):
         return copy
 
     def _param_owner(self, li, pi):
-        return self._owners.get((li, pi)) if hasattr(self, "_owners") else None
+        return self._owners.get((li, pi))
 
     def _append_params(self, li, layer, specs, param_names):
         """Caffe's Net::AppendParam: ownership, sharing checks, learnable params list."""
-        if not hasattr(self, "_owners"):
-            self._owners = {}
         lr_list = []
         for pi, spec in enumerate(specs):
             name = spec.name

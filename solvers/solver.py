@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 
 import numpy as np
@@ -98,9 +97,10 @@ class Solver:
                 or p.HasField("train_net_param")):
             raise CaffeError("Solver has no training net: give one of net, net_param, train_net "
                              "or train_net_param.", where="solver.cpp:84")
+        # Caffe would silently build no test net here; a test_interval without test_iter is
+        # almost always a mistake, so it is refused before training.
         if p.test_interval and len(p.test_iter) == 0 and (p.HasField("net") or
-                                                          p.HasField("net_param")) and \
-                self._test_net_count_from_net() > 0:
+                                                          p.HasField("net_param")):
             raise CaffeError("test_iter must be specified for each test network when "
                              "test_interval is set.", where="solver.cpp:165")
         if p.average_loss < 1:
@@ -113,9 +113,6 @@ class Solver:
             raise CaffeError("In solver params, snapshot is specified but snapshot_prefix is not")
         if prefix and (p.snapshot or p.snapshot_after_train):
             check_snapshot_directory(prefix)
-
-    def _test_net_count_from_net(self):
-        return 1
 
     def _read_net_param(self, path):
         from converters.prototxt import read_net
