@@ -5,7 +5,6 @@ logger, and call layers/ and solvers/. Every error a user can cause ends as one 
 naming the culprit and a non-zero exit; a Python traceback is shown only with ``--debug``.
 """
 import functools
-import os
 import sys
 import traceback
 

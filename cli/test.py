@@ -33,7 +33,7 @@ def test(model, weights, iterations, gpu, level, stage, phase, debug):
     if not weights:
         raise CaffeError("Need model weights to score.", where="caffe.cpp:264")
     device, _ = devices.select(devices.parse_gpus(gpu), where_cpu="caffe.cpp:275")
-    net = Net(model, phase, level=level, stages=(stage or "").split(","))  # as caffe.cpp's boost::split
+    net = Net(model, phase, level=level, stages=stages_from(stage))
     net.copy_from(weights)
     net.to(device)
     glog.info("Running for %d iterations." % iterations, where="caffe.cpp:281")

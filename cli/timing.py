@@ -6,7 +6,6 @@ below the first trainable layer) is what it costs: nothing.
 import time
 
 import click
-import torch
 
 from cli import devices
 from cli.main import caffe_option, main, report_errors
@@ -42,7 +41,7 @@ def time_command(model, weights, iterations, gpu, phase, level, stage, explain_b
     if iterations < 1:
         raise CaffeError("--iterations must be at least 1", where="caffe.cpp:345")
     device, _ = devices.select(devices.parse_gpus(gpu), where_cpu="caffe.cpp:356")
-    net = Net(model, phase, level=level, stages=(stage or "").split(","))  # as caffe.cpp's boost::split
+    net = Net(model, phase, level=level, stages=stages_from(stage))
     if weights:
         net.copy_from(weights)
     net.to(device)

@@ -34,7 +34,9 @@ def restore_signal_handlers(previous):
 
 
 def stages_from(stage):
-    return [s for s in (stage or "").split(",") if s]
+    """caffe.cpp's get_stages_from_flags: boost::split on ',', so no flag gives one empty stage
+    (Caffe's logs show it as `stage: ""`); we keep that exactly so logs diff clean."""
+    return (stage or "").split(",")
 
 
 @main.command("train")
@@ -91,10 +93,7 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
     param = read_solver(solver)
     check_solver_early(param)
     param.train_state.level = level
-    # caffe.cpp splits the --stage flag on ',' with boost::split, so no flag gives one empty
-    # stage (visible in Caffe's logs as `stage: ""`); we keep that exactly.
-    for s in (stage or "").split(","):
-        param.train_state.stage.append(s)
+    param.train_state.stage.extend(stages_from(stage))
     if iterations is not None:
         param.max_iter = iterations
     from solvers import parallel
