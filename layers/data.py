@@ -18,6 +18,7 @@ Data (``data_layer.cpp``, BVLC 1.0)
     ``rng() % rand_skip`` records at the start ("Skipping first N data points.") as Caffe's
     ImageData and pre-1.0 Data layers do (BVLC 1.0's Data layer ignores it).
 """
+import collections
 import os
 import threading
 import weakref
@@ -142,12 +143,17 @@ def datums_to_batch(datums, transformer, whats):
 # ----------------------------------------------------------------------------- LMDB
 _ENV_LOCK = threading.Lock()
 _ENVS = {}      # realpath -> [lmdb.Environment, users]: py-lmdb opens an environment once
+# Releases that could not take the lock: a reader's weakref finalizer can run from garbage
+# collection inside _acquire_env (py-lmdb walks its open environments there), on the thread
+# that already holds the lock. They are applied, in order, by the next acquire or release.
+_PENDING_RELEASES = collections.deque()
 
 
 def _acquire_env(path):
     import lmdb
     key = os.path.realpath(path)
     with _ENV_LOCK:
+        _drain_pending_locked()
         entry = _ENVS.get(key)
         if entry is None:
             env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512,
@@ -158,17 +164,32 @@ def _acquire_env(path):
 
 
 def _release_env(key):
-    with _ENV_LOCK:
-        entry = _ENVS.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _ENVS[key]
-            try:
-                entry[0].close()
-            except Exception:  # pragma: no cover
-                pass
+    if not _ENV_LOCK.acquire(blocking=False):
+        _PENDING_RELEASES.append(key)     # never block: we may be inside _acquire_env
+        return
+    try:
+        _drain_pending_locked()
+        _release_locked(key)
+    finally:
+        _ENV_LOCK.release()
+
+
+def _drain_pending_locked():
+    while _PENDING_RELEASES:
+        _release_locked(_PENDING_RELEASES.popleft())
+
+
+def _release_locked(key):
+    entry = _ENVS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _ENVS[key]
+        try:
+            entry[0].close()
+        except Exception:  # pragma: no cover
+            pass
 
 
 class LmdbReader:

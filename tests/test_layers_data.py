@@ -617,3 +617,26 @@ def test_unused_layers_stop_their_threads(tmp_path):
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= before
+
+
+def test_release_from_a_finalizer_inside_acquire_does_not_deadlock(tmp_path):
+    """A reader finalised by garbage collection while _acquire_env holds the lock (py-lmdb can
+    trigger GC there) must not block; its release is applied by the next acquire."""
+    import threading
+    from layers import data as data_mod
+    key = "/nonexistent/for-test"
+    data_mod._ENVS[key] = [type("E", (), {"close": lambda self: None})(), 1]
+    done = threading.Event()
+
+    def release_while_locked():
+        with data_mod._ENV_LOCK:          # as inside _acquire_env
+            data_mod._release_env(key)    # what a finalizer would call
+        done.set()
+    t = threading.Thread(target=release_while_locked)
+    t.start()
+    t.join(timeout=5)
+    assert done.is_set()
+    assert key in data_mod._ENVS          # deferred, not lost
+    with data_mod._ENV_LOCK:
+        data_mod._drain_pending_locked()
+    assert key not in data_mod._ENVS
