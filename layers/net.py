@@ -750,7 +750,10 @@ class Net(torch.nn.Module):
                     seen.add(id(value))
                     if value.requires_grad:
                         value.retain_grad()
-                if t not in first:      # in-place: the diff Caffe shows is the first version's
+                # in-place: the diff Caffe shows is the first version's. Kept only where a diff
+                # can be read (retain, or a leaf that gets .grad): elsewhere holding it would keep
+                # a copy of the blob that Caffe, which overwrites it in place, does not.
+                if t not in first and (retain or (value.is_leaf and value.requires_grad)):
                     first[t] = value
                 data[t] = value
                 if weights[j]:

@@ -231,12 +231,10 @@ def _straight_line_run(net, k):
     making torch.compile give up on the whole net."""
     lines = ["def run(self, data, first):", "    L = self.layer_modules", "    total = None"]
     var = {}          # blob name -> local variable holding its current value
-    produced = set()  # blob names already in ``first``
     for li in range(k):
         for t in net.top_names[li]:
             var[t] = "d%d" % len(var)
             lines.append("    %s = data[%r]" % (var[t], t))
-            produced.add(t)
     counter = [0]
 
     def fresh():
@@ -254,9 +252,8 @@ def _straight_line_run(net, k):
         for j, t in enumerate(net.top_names[li]):
             v = fresh()
             lines.append("    %s = %s[%d]" % (v, out, j))
-            if t not in produced:
-                lines.append("    first[%r] = %s" % (t, v))
-                produced.add(t)
+            # no first[...] for computed tops: as Net.run(retain=False), the version an in-place
+            # layer overwrites is not held (Caffe keeps no copy of it)
             lines.append("    data[%r] = %s" % (t, v))
             var[t] = v
             w = net.loss_weights[li][j]
