@@ -391,10 +391,20 @@ class _DataLayer(Layer):
         return self._device_probe.device
 
     def _to_device(self, tensors):
+        """The batch's tops on the layer's device. On CUDA the host batch is pinned and copied
+        asynchronously, and each device top keeps its host batch as ``host_copy`` (Caffe's
+        SyncedMemory holds both after a push): a consumer that needs the values on the host
+        (MultiBoxLoss's ground truth) reads them there instead of waiting for the GPU."""
         dev = self._device_probe.device
         if dev.type == "cpu":
             return tensors
-        return tuple(t.to(dev, non_blocking=True) for t in tensors)
+        out = []
+        for t in tensors:
+            src = t.pin_memory() if dev.type == "cuda" and not t.is_pinned() else t
+            d = src.to(dev, non_blocking=True)
+            d.host_copy = t
+            out.append(d)
+        return tuple(out)
 
     def extra_log_lines(self):
         return list(self._log_lines)

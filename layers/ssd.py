@@ -517,7 +517,9 @@ class MultiBoxLoss(Layer):
     def _ground_truth(self, gt, device, dtype):
         """GetGroundTruth: {item: (boxes (G,4) tensor, labels list, labels tensor)}."""
         num_gt = _legacy_dims(tuple(gt.shape), self)[2]
-        rows = gt.detach().reshape(-1)[:num_gt * 8].to("cpu", torch.float32).numpy()
+        host = getattr(gt, "host_copy", None)      # the data layer's host batch (no GPU wait)
+        src = host if host is not None and host.shape == gt.shape else gt.detach()
+        rows = src.reshape(-1)[:num_gt * 8].to("cpu", torch.float32).numpy()
         rows = rows.reshape(num_gt, 8)
         per_item = {}
         for r in rows:

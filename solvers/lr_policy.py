@@ -136,6 +136,12 @@ class LearningRate:
         self.minimum_loss = _FLT_MAX          # SSD's PreSolve: numeric_limits<float>::max()
         self.iter_last_event = 0
 
+    @property
+    def uses_loss(self):
+        """Whether ``rate`` reads the smoothed loss (SSD's plateau), so the solver must read the
+        loss to the host every iteration."""
+        return self.policy == "plateau"
+
     # -- state (for snapshot / resume) ----------------------------------------------------------
     def state_dict(self):
         return {"current_step": int(self.current_step),

@@ -222,12 +222,17 @@ class GradientAllReduce:
         if display:
             outputs = [name for name in solver.net.outputs if name in solver.net._data]
             pieces += [solver.net._data[name].detach().float().reshape(-1) for name in outputs]
-        pending = solver._pending
-        solver._pending = None
-        extra = torch.tensor([loss, 1.0 if pending == _STOP else 0.0,
-                              1.0 if pending == _SNAPSHOT else 0.0],
-                             dtype=torch.float32, device=device)
-        pieces.append(extra)
+        # The stop/snapshot requests ride along only when the solver reads its losses this
+        # iteration (the same iterations in every process), so that reading them costs no host
+        # sync of its own; a signal waits at most until the next read.
+        read = getattr(solver, "read_due", True)
+        flags = []
+        if read:
+            pending = solver._pending
+            solver._pending = None
+            flags = [1.0 if pending == _STOP else 0.0, 1.0 if pending == _SNAPSHOT else 0.0]
+        loss = torch.as_tensor(loss, dtype=torch.float32, device=device).reshape(1)
+        pieces += [loss, torch.tensor(flags, dtype=torch.float32, device=device)]
         flat = torch.cat([x.to(device=device, dtype=torch.float32) for x in pieces])
         dist.all_reduce(flat)
         flat.mul_(self.scale)
@@ -246,12 +251,14 @@ class GradientAllReduce:
                 n = value.numel()
                 solver.net._data[name] = flat[offset:offset + n].view(value.shape).clone()
                 offset += n
-        tail = flat[offset:offset + 3].tolist()
-        if tail[1] > 0:
-            solver.requested = _STOP
-        elif tail[2] > 0:
-            solver.requested = _SNAPSHOT
-        return tail[0]
+        loss = flat[offset].clone()
+        if read:
+            stop, snap = flat[offset + 1:offset + 3].tolist()
+            if stop > 0:
+                solver.requested = _STOP
+            elif snap > 0:
+                solver.requested = _SNAPSHOT
+        return loss
 
 
 # ----------------------------------------------------------------------------- one process

@@ -32,6 +32,8 @@ from solvers.lr_policy import LearningRate
 from solvers.updates import make_update
 
 SIGNAL_ACTIONS = ("stop", "snapshot", "none")
+GPU_SYNC_EVERY = 16     # iterations between loss reads on a GPU (display iterations read too)
+CHECKPOINT_EVERY = 16   # iterations between copies of the last finite state (for a NaN loss)
 
 
 def _fmt(x):
@@ -59,6 +61,8 @@ class Solver:
         # logs iteration lines, tests and snapshots (Caffe's root_solver) in data parallelism.
         self.hooks = hooks or {}
         self.is_root = True
+        self._unread = []              # losses still on the device (see step)
+        self._checkpoint = None
         self._check_param()
         if param.random_seed >= 0:
             torch.manual_seed(param.random_seed)
@@ -75,6 +79,9 @@ class Solver:
             for w in weights:
                 self._finetune(net, w)
             self._share_trained_layers(net)
+        # how often (in iterations) losses are read to the host: every one on the CPU, where
+        # reading costs nothing; on a GPU reading stalls the launch queue, so only now and then
+        self.sync_every = 1 if self.device.type == "cpu" else GPU_SYNC_EVERY
         self.net.to(self.device)
         for net in self.test_nets:
             net.to(self.device)
@@ -248,6 +255,12 @@ class Solver:
         return 0.0 if total is None else float(total)
 
     def step(self, iters):
+        """Caffe's Solver::Step. The loss of each iteration stays on the device until it is
+        needed on the host (:meth:`_read_losses`): on the CPU that is every iteration (reading
+        costs nothing there); on a GPU every ``sync_every`` iterations, on display iterations,
+        at snapshots and at the end, and every iteration for SSD's plateau policy, which reads
+        the smoothed loss. Reading late changes nothing in the log: the smoothed loss is
+        computed from the same values in the same order."""
         p = self.param
         start_iter = self.iter
         stop_iter = self.iter + iters
@@ -258,11 +271,12 @@ class Solver:
             self.losses, self.smoothed_loss, start_iter = window
             self._resume_window = None
         self._step_start = start_iter
+        self._unread = []           # [(iteration, 0-dim float32 loss on the device)]
+        params = [lp.tensor for lp in self.net.learnable_params]
+        self._checkpoint = None
+        self._take_checkpoint(params)
         last_time = time.perf_counter()
         last_iter = self.iter
-        params = [lp.tensor for lp in self.net.learnable_params]
-        self._last_good = [t.detach().clone() for t in params]
-        self._last_good_from = self.iter    # NaN path: _last_good is the previous iteration's after
         while self.iter < stop_iter:
             for t in params:
                 t.grad = None
@@ -271,20 +285,27 @@ class Solver:
                 self.test_all()
                 if self.requested_early_exit:
                     break
-            display = p.display and self.iter % p.display == 0
-            loss = 0.0
-            for _ in range(p.iter_size):
+            display = bool(p.display) and self.iter % p.display == 0
+            self.read_due = (display or self.sync_every <= 1 or self.lr.uses_loss
+                             or len(self._unread) + 1 >= self.sync_every
+                             or self.iter + 1 >= stop_iter)
+            loss = None
+            for _ in range(p.iter_size):      # Caffe sums the iter_size losses in Dtype
                 total = self.net.run()
                 if total is not None:
                     if total.requires_grad:
                         total.backward()
-                    loss += float(total.detach())
-            loss /= p.iter_size
+                    value = total.detach().float()
+                    loss = value if loss is None else loss + value
+            loss = (torch.zeros((), device=self.device) if loss is None
+                    else loss.reshape(()) / p.iter_size)
             for hook in self.hooks.get("gradients_ready", ()):   # e.g. data-parallel all-reduce
                 loss = hook(self, loss)
-            if not math.isfinite(loss):
-                self._non_finite(loss)
-            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            self._unread.append((self.iter, loss))
+            if self.read_due:
+                self._read_losses(current=self.iter)
+                if self.iter + 1 - self._checkpoint["iter"] >= CHECKPOINT_EVERY:
+                    self._take_checkpoint(params)
             if display:
                 now = time.perf_counter()
                 lapse = int((now - last_time) * 1000) / 1000.0   # Caffe's Timer: whole ms
@@ -301,7 +322,6 @@ class Solver:
                           where="sgd_solver.cpp:112")
             if self.sparsity is not None:
                 self.sparsity.mask_gradients()
-            torch._foreach_copy_(self._last_good, params)   # for a NaN in the next iteration
             self.update.apply(rate, self.iter)
             if self.sparsity is not None:
                 self.sparsity.mask_weights()
@@ -315,14 +335,56 @@ class Solver:
             if request == "stop":
                 self.requested_early_exit = True
                 break
+        self._read_losses()
+        self._checkpoint = None
 
-    def _update_smoothed_loss(self, loss, start_iter, average_loss):
+    def _read_losses(self, current=None):
+        """Bring the unread losses to the host in one transfer, in iteration order, into Caffe's
+        smoothed loss; a non-finite one stops training (:meth:`_non_finite`). ``current``: the
+        iteration being run, whose update is not applied yet (its weights are still those
+        that gave its loss)."""
+        unread = getattr(self, "_unread", None)
+        if not unread:
+            return
+        self._unread = []
+        values = torch.stack([v.reshape(()).float() for _, v in unread]).cpu().tolist()
+        for (iteration, _), value in zip(unread, values):
+            if not math.isfinite(value):
+                self._non_finite(value, iteration, current)
+            self._update_smoothed_loss(value, self._step_start, self.param.average_loss,
+                                       iteration)
+
+    def _take_checkpoint(self, params):
+        """The state (weights, update history, lr state, smoothing window) of an iteration whose
+        loss was read finite, before its update: what the NaN path saves. Taken at the start
+        of ``step`` and then every ``CHECKPOINT_EVERY`` iterations at a loss read, so it costs
+        one copy of the weights and history per that many iterations (and that memory); by the
+        time a NaN is read the weights have been updated with its gradients, and the state just
+        before them gave that NaN, so neither could be saved instead."""
+        ck = self._checkpoint
+        history = list(self.update.history)
+        with torch.no_grad():
+            if ck is None:
+                ck = {"params": [t.detach().clone() for t in params],
+                      "history": [h.detach().clone() for h in history]}
+            else:
+                torch._foreach_copy_(ck["params"], params)
+                if history:
+                    torch._foreach_copy_(ck["history"], history)
+        ck.update(iter=self.iter, lr=self.lr.state_dict(), losses=list(self.losses),
+                  smoothed_loss=self.smoothed_loss)
+        self._checkpoint = ck
+
+    def _update_smoothed_loss(self, loss, start_iter, average_loss, iteration=None):
+        """Caffe's UpdateSmoothedLoss: the mean of the last ``average_loss`` losses."""
+        if iteration is None:
+            iteration = self.iter
         if len(self.losses) < average_loss:
             self.losses.append(loss)
             size = len(self.losses)
             self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
         else:
-            idx = (self.iter - start_iter) % average_loss
+            idx = (iteration - start_iter) % average_loss
             self.smoothed_loss += (loss - self.losses[idx]) / average_loss
             self.losses[idx] = loss
         # Caffe keeps these in float32
@@ -340,49 +402,57 @@ class Solver:
                 glog.info(msg, where=where)
                 index += 1
 
-    def _non_finite(self, loss):
+    def _non_finite(self, loss, iteration, current=None):
         """Stop on a NaN/inf loss: name the iteration, the first top (in layer order) and the
-        first learnable blob that went non-finite, and save the last finite state first."""
+        first learnable blob that went non-finite, and save the last finite state first: the
+        checkpoint (:meth:`_take_checkpoint`) of the newest iteration whose loss was finite, at
+        most ``CHECKPOINT_EVERY`` iterations back, with its real momentum history (resuming
+        from it with a lower lr is the way on). ``current``: the iteration being run when the
+        loss was read; the blobs the message names are that iteration's."""
+        where = ""
+        now = self.iter if current is None else current
+        if iteration != now:
+            where = (" (Read at iteration %d: losses are read to the host every %d iterations "
+                     "on %s; the blobs below are those of iteration %d.)"
+                     % (now, self.sync_every, self.device.type, now))
         culprit = self.net.first_non_finite()
-        where = (" First non-finite blob: '%s' (top of layer '%s', type %s)." % culprit
-                 if culprit else "")
+        if culprit:
+            where += " First non-finite blob: '%s' (top of layer '%s', type %s)." % culprit
         bad_param = self._first_non_finite_param()
         if bad_param is not None:
             where += " First non-finite weights: param %d of layer '%s'." % bad_param[::-1]
+        head = "Iteration %d: loss is %s.%s" % (iteration, _fmt(loss), where)
+        self._unread = []
         if not self.is_root:
-            raise NonFiniteLoss("Iteration %d: loss is %s.%s" % (self.iter, _fmt(loss), where),
-                                where="solver.cpp:239")
-        iteration, reset_history = self.iter, False
-        last_good = getattr(self, "_last_good", None)
-        if last_good is not None and self.iter > getattr(self, "_last_good_from", self.iter):
-            # Go back to the weights of the previous iteration, the last ones whose loss was
-            # finite (the update that followed may have made them non-finite, or so large that
-            # this iteration overflowed). Their momentum history is gone (that update
-            # overwrote it), so the snapshot's history starts again from zero.
+            raise NonFiniteLoss(head, where="solver.cpp:239")
+        state_iter, reset_history = self.iter, False
+        ck = self._checkpoint
+        if ck is not None:
             params = [lp.tensor for lp in self.net.learnable_params]
             with torch.no_grad():
-                torch._foreach_copy_(params, last_good)
-            iteration, reset_history = self.iter - 1, True
-        elif any(not bool(torch.isfinite(h).all()) for h in self.update.history):
-            reset_history = True
+                torch._foreach_copy_(params, ck["params"])
+                for h, saved in zip(self.update.history, ck["history"]):
+                    h.copy_(saved)
+            self.lr.load_state_dict(ck["lr"])
+            self.losses, self.smoothed_loss = list(ck["losses"]), ck["smoothed_loss"]
+            state_iter = ck["iter"]
         still = self._first_non_finite_param()
         if still is not None:
-            raise NonFiniteLoss("Iteration %d: loss is %s.%s No finite state to save: param %d "
-                                "of layer '%s' is not finite in the previous iteration either "
-                                "(non-finite weights loaded from --weights / --snapshot, or "
-                                "statistics that are not learnable); no snapshot written."
-                                % (self.iter, _fmt(loss), where, still[1], still[0]),
+            raise NonFiniteLoss("%s No finite state to save: param %d of layer '%s' is not "
+                                "finite in iteration %d either (non-finite weights loaded from "
+                                "--weights / --snapshot, or statistics that are not learnable); "
+                                "no snapshot written." % (head, still[1], still[0], state_iter),
                                 where="solver.cpp:239")
-        if reset_history:
+        if any(not bool(torch.isfinite(h).all()) for h in self.update.history):
+            reset_history = True
             glog.warning("The last finite state is that of iteration %d; its momentum/history "
-                         "is reset to zero in the snapshot." % iteration, where="solver.py")
-        path = self.snapshot(suffix="_last_finite", iteration=iteration,
+                         "is not finite and is reset to zero in the snapshot." % state_iter,
+                         where="solver.py")
+        path = self.snapshot(suffix="_last_finite", iteration=state_iter,
                              zero_history=reset_history)
-        raise NonFiniteLoss("Iteration %d: loss is %s.%s The last finite state (the weights of "
-                            "iteration %d) was saved to %s and %s." % (
-                                self.iter, _fmt(loss), where, iteration, path,
-                                self.snapshot_filename(".solverstate", "_last_finite",
-                                                       iteration)),
+        raise NonFiniteLoss("%s The last finite state (the weights of iteration %d) was saved "
+                            "to %s and %s." % (head, state_iter, path, self.snapshot_filename(
+                                ".solverstate", "_last_finite", state_iter)),
                             where="solver.cpp:239")
 
     def _first_non_finite_param(self):
@@ -426,7 +496,7 @@ class Solver:
                     break
                 total = net.run()
                 if p.test_compute_loss and total is not None:
-                    loss += float(total.detach())
+                    loss = loss + total.detach().double()     # read once, after the loop
                 values = [net._data[name].reshape(-1) for name in net.outputs]
                 flat = torch.cat([v.double() for v in values]) if values else torch.zeros(0)
                 scores = flat.clone() if scores is None else scores + flat
@@ -434,7 +504,7 @@ class Solver:
             glog.info("Test interrupted.", where="solver.cpp:394")
             return
         if p.test_compute_loss:
-            glog.info("Test loss: %s" % _fmt(loss / iters), where="solver.cpp:400")
+            glog.info("Test loss: %s" % _fmt(float(loss) / iters), where="solver.cpp:400")
         if scores is None:
             return
         scores = scores.cpu().numpy()
@@ -472,6 +542,7 @@ class Solver:
         always has its sidecar. ``iteration`` / ``zero_history``: the NaN path's last finite
         state (weights of an earlier iteration, history reset)."""
         from converters.caffemodel import atomic_write
+        self._read_losses()             # the smoothing window goes into the sidecar
         if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             raise CaffeError("snapshot_format HDF5 is not supported; use BINARYPROTO",
                              where="solver.cpp:450")

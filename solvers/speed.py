@@ -63,10 +63,21 @@ class SpeedState:
 
     def __init__(self, options):
         self.options = options
-        self.losses = []            # per-iteration losses of the first check_iters iterations
+        self._losses = []           # per-iteration losses of the first check_iters iterations,
         self.amp_dtype = None
         self.compiled = False
         self.scaler = None
+
+    def record(self, loss):
+        """Keep one iteration's loss (a device tensor: read to the host only when asked)."""
+        self._losses.append(loss.detach().reshape(()).float() if torch.is_tensor(loss)
+                            else torch.tensor(float(loss)))
+
+    @property
+    def losses(self):
+        if not self._losses:
+            return []
+        return torch.stack([t.cpu() for t in self._losses]).tolist()
 
 
 # ----------------------------------------------------------------------------- applying modes
@@ -113,8 +124,8 @@ def apply(solver, options, log=True):
         state.scaler = LossScaler(solver)    # outermost: scales the fp32 total loss
     if options.check_iters > 0:
         def record(solver, loss):
-            if len(state.losses) < options.check_iters:
-                state.losses.append(float(loss))
+            if len(state._losses) < options.check_iters:
+                state.record(loss)
             return loss
         hooks = dict(solver.hooks)
         hooks["gradients_ready"] = list(hooks.get("gradients_ready", ())) + [record]
@@ -434,11 +445,12 @@ def compare(param, options, iters=100, device="cpu", snapshot=""):
 def report_after_training(state, param, device, rng, snapshot="", keep_sparsity=False):
     """The end-of-training I line: the recorded losses against a fresh fp32 run of as many
     iterations (built from the same RNG state, weights and snapshot)."""
-    if state is None or not state.options.active() or not state.losses:
+    losses = state.losses if state is not None else []
+    if state is None or not state.options.active() or not losses:
         return None
-    n = len(state.losses)
+    n = len(losses)
     ref = loss_trace(param, SpeedOptions(), n, device, rng, snapshot, keep_sparsity)
-    deviation = max_relative_deviation(state.losses, ref)
+    deviation = max_relative_deviation(losses, ref)
     log_deviation(state.options, deviation, min(n, len(ref)))
     return deviation
 

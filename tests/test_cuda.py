@@ -211,3 +211,34 @@ def test_two_gpus_match_one_gpu_with_doubled_batch(tmp_path):
     assert len(a) == len(b) > 45
     bad = [(x, y) for x, y in zip(a, b) if not tp.close(x, y, 1e-4)]
     assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("config", ["lenet", "resnet_digits", "number_plate_ssd"])
+def test_no_cuda_sync_outside_read_iterations(config, monkeypatch):
+    """The training loop on CUDA: no host sync except on the iterations that read the losses
+    (torch's sync debug mode raises on any other). tests/test_host_reads.py checks the same
+    on the CPU with a probe."""
+    from test_host_reads import _param, _release
+    from solvers.solver import Solver
+    monkeypatch.chdir(ROOT)
+    solver = Solver(_param(config, 40, batch=8), device="cuda:0", log_net=False)
+    assert solver.sync_every == 16
+    real_read = solver._read_losses
+
+    def read_allowed(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real_read(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    solver._read_losses = read_allowed
+    try:
+        solver.step(2)                      # warm-up: cuDNN autotuning, allocator
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            solver.step(20)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        _release(solver)
