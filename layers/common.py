@@ -432,7 +432,9 @@ class Scale(Layer):
     The scale is bottom 1 when given, else a learned blob of shape
     ``bottom0.shape[axis : axis+num_axes]`` filled by ``filler`` (default constant 1). With
     ``bias_term`` a learned bias of the same alignment follows it in the blobs (``bias_filler``,
-    default constant 0). One ``torch.mul`` or ``torch.addcmul``.
+    default constant 0). One ``torch.mul`` or ``torch.addcmul``; when it works in place on the
+    top of the BatchNorm just before it, the Net folds it into that layer's batch_norm kernel
+    (``fused``: this layer then passes its bottom through).
     """
 
     min_bottoms = 1
@@ -469,7 +471,14 @@ class Scale(Layer):
     def top_shapes(self):
         return [self.bottom_shapes[0]]
 
+    fused = False     # True while the BatchNorm just before applies this scale (Net.run)
+
     def forward(self, x, *scale):
+        if self.fused:
+            return x
+        return self.affine(x, *scale)
+
+    def affine(self, x, *scale):
         s = (scale[0] if scale else self.scale).reshape(self.view)
         if self.bias is not None:
             return torch.addcmul(self.bias.view(self.bias_view), x, s)

@@ -501,6 +501,35 @@ class Net(torch.nn.Module):
             for j, t in enumerate(self.top_names[li]):
                 self._blob_loss_weight[t] = self.loss_weights[li][j]
         self._install_label_checks()
+        self._bn_scale_pairs = self._fusable_batchnorm_scale()
+
+    def _fusable_batchnorm_scale(self):
+        """(BatchNorm, Scale) pairs that ``run`` folds into one batch_norm with an affine: a
+        Scale right after the BatchNorm, in place on the BatchNorm's top, which nothing else
+        reads (an implicit split would have renamed it), with gradient flowing through it, a
+        learned per-channel scale (and bias) and no loss weight on either top. In Caffe the
+        BatchNorm top is overwritten by the Scale at once, so no blob, value or diff that Caffe
+        shows changes; only the work: one kernel forward and one backward instead of three
+        passes each (~10% of a ResNet step). pycaffe-style runs (``retain``) and partial
+        runs keep the two layers apart, so that every blob version stays visible."""
+        pairs = []
+        for li in range(len(self.layer_modules) - 1):
+            if self.layer_types[li] != "BatchNorm" or self.layer_types[li + 1] != "Scale":
+                continue
+            top = self.top_names[li]
+            if (self.bottom_names[li + 1] != top or self.top_names[li + 1] != top
+                    or self._detach[li + 1][0] or any(self.loss_weights[li])
+                    or any(self.loss_weights[li + 1])):
+                continue
+            bn, scale = self.layer_modules[li], self.layer_modules[li + 1]
+            if bn.fusable_with(scale):
+                pairs.append((bn, scale))
+        return pairs
+
+    def _fuse(self, on):
+        for bn, scale in self._bn_scale_pairs:
+            bn.fused_scale = (scale,) if on else ()
+            scale.fused = on
 
     def _install_label_checks(self):
         """Let data layers refuse labels a SoftmaxWithLoss cannot take ([0, C) or its
@@ -722,43 +751,51 @@ class Net(torch.nn.Module):
         seen = set()
         total = None
         end = len(self.layer_modules) - 1 if end is None else end
-        for li in range(start, end + 1):
-            layer = self.layer_modules[li]
-            names = self.bottom_names[li]
-            bottoms = [data[b] for b in names]
-            detach = self._detach[li]
-            for j, d in enumerate(detach):
-                if d and bottoms[j].requires_grad:
-                    bottoms[j] = bottoms[j].detach()
-            if inputs is not None and self.layer_types[li] == "Input":
-                tops = [inputs[t] for t in self.top_names[li]]
-            else:
-                try:
-                    tops = layer(*bottoms)
-                except (RuntimeError, ValueError, IndexError) as exc:
-                    if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
-                        raise
-                    self._forward_failed(li, bottoms, exc)
-                if isinstance(tops, torch.Tensor):
-                    tops = (tops,)
-            weights = self.loss_weights[li]
-            for j, t in enumerate(self.top_names[li]):
-                value = tops[j]
-                if retain:
-                    if id(value) in seen:
-                        value = value.view_as(value)
-                    seen.add(id(value))
-                    if value.requires_grad:
-                        value.retain_grad()
-                # in-place: the diff Caffe shows is the first version's. Kept only where a diff
-                # can be read (retain, or a leaf that gets .grad): elsewhere holding it would keep
-                # a copy of the blob that Caffe, which overwrites it in place, does not.
-                if t not in first and (retain or (value.is_leaf and value.requires_grad)):
-                    first[t] = value
-                data[t] = value
-                if weights[j]:
-                    term = value.sum() * weights[j] if weights[j] != 1 else value.sum()
-                    total = term if total is None else total + term
+        fuse = bool(self._bn_scale_pairs) and not retain and start == 0 and \
+            end == len(self.layer_modules) - 1
+        if fuse:
+            self._fuse(True)
+        try:
+            for li in range(start, end + 1):
+                layer = self.layer_modules[li]
+                names = self.bottom_names[li]
+                bottoms = [data[b] for b in names]
+                detach = self._detach[li]
+                for j, d in enumerate(detach):
+                    if d and bottoms[j].requires_grad:
+                        bottoms[j] = bottoms[j].detach()
+                if inputs is not None and self.layer_types[li] == "Input":
+                    tops = [inputs[t] for t in self.top_names[li]]
+                else:
+                    try:
+                        tops = layer(*bottoms)
+                    except (RuntimeError, ValueError, IndexError) as exc:
+                        if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
+                            raise
+                        self._forward_failed(li, bottoms, exc)
+                    if isinstance(tops, torch.Tensor):
+                        tops = (tops,)
+                weights = self.loss_weights[li]
+                for j, t in enumerate(self.top_names[li]):
+                    value = tops[j]
+                    if retain:
+                        if id(value) in seen:
+                            value = value.view_as(value)
+                        seen.add(id(value))
+                        if value.requires_grad:
+                            value.retain_grad()
+                    # in-place: the diff Caffe shows is the first version's. Kept only where a
+                    # diff can be read (retain, or a leaf that gets .grad): elsewhere holding it
+                    # would keep a copy of the blob that Caffe, which overwrites it, does not.
+                    if t not in first and (retain or (value.is_leaf and value.requires_grad)):
+                        first[t] = value
+                    data[t] = value
+                    if weights[j]:
+                        term = value.sum() * weights[j] if weights[j] != 1 else value.sum()
+                        total = term if total is None else total + term
+        finally:
+            if fuse:
+                self._fuse(False)
         return total
 
     # ------------------------------------------------------------------ pycaffe API

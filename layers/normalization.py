@@ -76,29 +76,59 @@ class BatchNorm(Layer):
     def top_shapes(self):
         return [tuple(self.bottom_shapes[0])]
 
+    # (Scale module,) while the Net runs this layer fused with the in-place Scale that follows
+    # it (Net._fusable_batchnorm_scale); () otherwise. A tuple: not registered as a submodule.
+    fused_scale = ()
+
+    def fusable_with(self, scale):
+        """Whether ``scale`` (a Scale layer on this layer's top) can be folded into
+        ``F.batch_norm``'s affine: a learned scale (and bias) of one value per channel, axis 1."""
+        shape = tuple(self.bottom_shapes[0])
+        if len(shape) < 2 or not getattr(scale, "learned", False):
+            return False
+        per_channel = tuple(self.channels if i == 1 else 1 for i in range(len(shape)))
+        blobs = [(scale.scale, scale.view)]
+        if scale.bias is not None:
+            blobs.append((scale.bias, scale.bias_view))
+        return all(tuple(view) == per_channel and blob.numel() == self.channels
+                   for blob, view in blobs)
+
     def forward(self, x):
         if x.dim() < 2 or x.shape[1] != self.channels:
             canonical_axis(1, x.dim(), self)
             self.fail("Check failed: bottom[0]->shape(1) == channels_ (%d vs. %d) "
                       % (x.shape[1], self.channels), "batch_norm_layer.cpp:55")
+        if not self.fused_scale:
+            return self._normalize(x)
+        scale = self.fused_scale[0]
+        gamma = scale.scale
+        if gamma.dtype != x.dtype:       # autocast: keep the two layers' own arithmetic
+            return scale.affine(self._normalize(x))
+        beta = scale.bias.reshape(-1) if scale.bias is not None else None
+        return self._normalize(x, gamma.reshape(-1), beta, scale)
+
+    def _normalize(self, x, gamma=None, beta=None, scale=None):
+        """Caffe's normalisation; with ``gamma`` / ``beta`` (a fused Scale) the affine is done by
+        the same batch_norm kernel, forward and backward."""
         if self.use_global_stats:
             mean_blob, var_blob, factor_blob = self._blob_list()
             factor = factor_blob.detach()
-            scale = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
-            mean = (mean_blob.detach() * scale).to(x.dtype)
-            var = (var_blob.detach() * scale).to(x.dtype)
-            return F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+            inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
+            mean = (mean_blob.detach() * inv).to(x.dtype)
+            var = (var_blob.detach() * inv).to(x.dtype)
+            return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.eps)
         m = x.numel() // self.channels
         update = not self.shape_inference
         if m <= 1:
-            return self._forward_single(x, update)
+            y = self._forward_single(x, update)
+            return y if scale is None else scale.affine(y)
         if not update:
-            return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+            return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.eps)
         # momentum 1 makes torch write the plain batch mean and the unbiased (m / (m - 1)) batch
         # variance into the two scratch buffers (it computes 1 * stat + 0 * old, so the buffers
         # need no clearing); Caffe's moving sums are then updated from them.
         batch_mean, batch_var, one = self._scratch(x)
-        y = F.batch_norm(x, batch_mean, batch_var, None, None, True, 1.0, self.eps)
+        y = F.batch_norm(x, batch_mean, batch_var, gamma, beta, True, 1.0, self.eps)
         self._update(batch_mean, batch_var, one)
         return y
 

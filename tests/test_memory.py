@@ -76,13 +76,16 @@ def test_in_place_chain_holds_one_tensor_per_blob():
     assert net._data["conv"] is tops["scale"]       # the name is bound to the last version
     assert not net._first                           # no earlier version is held on the side
     # an earlier version outlives the forward only where autograd saved it (ReLU its output,
-    # BatchNorm its input, Scale its input); nothing keeps the pre-ReLU convolution output (the
+    # BatchNorm its input, InnerProduct its input); nothing keeps the pre-ReLU convolution output (the
     # hooks' ``tops`` hold every version, so no storage address is reused in between)
     keys = {name: memory.storage_key(t)[0] for name, t in tops.items() if name != "data"}
     assert keys["relu"] in saved and keys["drop"] in saved and keys["bn"] in saved
     assert keys["conv"] not in saved and keys["conv"] not in held
-    # five distinct storages: no layer of the chain returned its bottom's memory
-    assert len({keys[n] for n in ("conv", "relu", "drop", "bn", "scale")}) == 5
+    # BatchNorm and its in-place Scale run fused (one batch_norm with the affine: the Scale
+    # passes the BatchNorm's top through), so they make one version; the others are distinct
+    # storages: no layer of the chain returned its bottom's memory
+    assert tops["bn"] is tops["scale"]
+    assert len({keys[n] for n in ("conv", "relu", "drop", "bn")}) == 4
     loss.backward()
     assert net.layer_dict["conv"].blobs[0].grad is not None
 
