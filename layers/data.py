@@ -391,13 +391,17 @@ class _DataLayer(Layer):
         return self._device_probe.device
 
     def _to_device(self, tensors):
-        """The batch's tops on the layer's device. On CUDA the host batch is pinned and copied
+        """The batch's tops on the layer's device. On CUDA the host batch is pinned (by the
+        prefetch thread where there is one, as Caffe's prefetch thread pushes batches) and copied
         asynchronously, and each device top keeps its host batch as ``host_copy`` (Caffe's
         SyncedMemory holds both after a push): a consumer that needs the values on the host
         (MultiBoxLoss's ground truth) reads them there instead of waiting for the GPU."""
         dev = self._device_probe.device
         if dev.type == "cpu":
             return tensors
+        source = getattr(getattr(self, "prefetcher", None), "source", None)
+        if dev.type == "cuda" and source is not None:
+            source.pin_memory = True    # later batches come pinned from the prefetch thread
         out = []
         for t in tensors:
             src = t.pin_memory() if dev.type == "cuda" and not t.is_pinned() else t

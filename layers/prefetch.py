@@ -24,6 +24,8 @@ import queue
 import threading
 import weakref
 
+import torch
+
 from converters import glog
 
 # glog's LOG_EVERY_N(INFO, 1000) in BlockingQueue::pop is one counter per call site, shared by
@@ -72,6 +74,9 @@ def _worker(source, q, stop):
         while not stop.is_set():
             before = source.get_state()
             batch = source.next_batch()
+            if getattr(source, "pin_memory", False):   # set by a data layer on CUDA
+                batch = tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t
+                              for t in batch)
             after = source.get_state()
             item = (before, batch, after)
             while not stop.is_set():
