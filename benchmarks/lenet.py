@@ -9,6 +9,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+import harness
 from common import compare, machine
 from converters import caffe_pb2
 from converters.prototxt import parse_text
@@ -84,18 +85,8 @@ def main():
     hand_params = [hand.conv1.weight, hand.conv1.bias, hand.conv2.weight, hand.conv2.bias,
                    hand.ip1.weight, hand.ip1.bias, hand.ip2.weight, hand.ip2.bias]
     mults = [1, 2] * 4
-    history = [torch.zeros_like(p) for p in hand_params]
-
-    def hand_step():
-        for p in hand_params:
-            p.grad = None
-        loss = hand(x, y)
-        loss.backward()
-        with torch.no_grad():   # Caffe's SGD: v = m v + lr*mult*(g + wd*w); w -= v
-            for p, v, m in zip(hand_params, history, mults):
-                g = p.grad.add(p, alpha=0.0005)
-                v.mul_(0.9).add_(g, alpha=0.01 * m)
-                p.sub_(v)
+    hand_step = harness.hand_step(lambda: hand(x, y),
+                                  [(p, m, 1) for p, m in zip(hand_params, mults)])
 
     result = compare([("trainer", trainer_step), ("hand-written torch", hand_step)],
                      iters=args.iters, device=device)

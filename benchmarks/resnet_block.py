@@ -58,7 +58,8 @@ def prototxt(batch, size, width, blocks, classes=10):
 
 class HandResNet(torch.nn.Module):
     """The same net: BatchNorm in training mode (batch statistics, running averages updated)
-    followed by a separate affine, as Caffe's BatchNorm + Scale."""
+    with the affine inside the batch_norm kernel, as a torch user writes Caffe's BatchNorm +
+    Scale (and as trainer runs them: Net._fusable_batchnorm_scale)."""
 
     def __init__(self, width, blocks, classes=10):
         super().__init__()
@@ -79,8 +80,7 @@ class HandResNet(torch.nn.Module):
     def cbs(self, i, x, relu=True):
         x = self.convs[i](x)
         x = F.batch_norm(x, getattr(self, "mean%d" % i), getattr(self, "var%d" % i),
-                         training=True, momentum=0.001, eps=1e-5)
-        x = x * self.gamma[i].view(1, -1, 1, 1) + self.beta[i].view(1, -1, 1, 1)
+                         self.gamma[i], self.beta[i], training=True, momentum=0.001, eps=1e-5)
         return F.relu(x) if relu else x
 
     def forward(self, x, y):
