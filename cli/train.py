@@ -119,7 +119,7 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
         param.weights.append(weights)
     if launched:
         return parallel.train_from_env(param, gpus, snapshot, keep_sparsity, speed,
-                                       sigint_effect, sighup_effect)
+                                       sigint_effect, sighup_effect, explain_backward)
     if len(gpus) > 1 or cpu_procs > 1:
         if len(gpus) > 1 and cpu_procs:
             raise CaffeError("Give either several GPUs (--gpu) or --cpu-procs, not both.")
@@ -129,7 +129,8 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
         return parallel.train_data_parallel(param, gpus, snapshot, keep_sparsity,
                                             cpu_procs=cpu_procs, speed=speed,
                                             sigint_effect=sigint_effect,
-                                            sighup_effect=sighup_effect, debug=debug)
+                                            sighup_effect=sighup_effect, debug=debug,
+                                            explain_backward=explain_backward)
     if speed.active():
         from solvers import speed as speed_modes
         rng = speed_modes.capture_rng(device)

@@ -263,13 +263,17 @@ class GradientAllReduce:
 
 # ----------------------------------------------------------------------------- one process
 def run_rank(param, device, rank, world, snapshot="", keep_sparsity=False, speed=None,
-             sigint_effect="stop", sighup_effect="snapshot"):
+             sigint_effect="stop", sighup_effect="snapshot", explain_backward=False):
     """Build this process's solver, agree on the weights, train. The process group must be
-    initialised. Returns the solver."""
+    initialised. Returns the solver. ``explain_backward``: the root logs the backward table
+    (every process has the same net)."""
     if torch.device(device).type == "cuda":
         from solvers.speed import configure_tf32
         configure_tf32(bool(speed is not None and speed.tf32))
     solver = DataParallelSolver(param, rank, world, device=device, keep_sparsity=keep_sparsity)
+    if explain_backward and solver.is_root:
+        from layers.explain import log_table
+        log_table(solver.net)
     _install_signal_handlers(solver, sigint_effect, sighup_effect)
     if snapshot:
         glog.info("Resuming from " + snapshot, where="caffe.cpp:235")
@@ -340,7 +344,8 @@ def _spawned(index, world, gpus, payload):
                                 world_size=world, timeout=_timeout())
         run_rank(param, device, index, world, snapshot=payload["snapshot"],
                  keep_sparsity=payload["keep_sparsity"], speed=payload["speed"],
-                 sigint_effect=payload["sigint_effect"], sighup_effect=payload["sighup_effect"])
+                 sigint_effect=payload["sigint_effect"], sighup_effect=payload["sighup_effect"],
+                 explain_backward=payload["explain_backward"])
     except BaseException as exc:     # noqa: B902 - every failure becomes one F line + status
         if isinstance(exc, (SystemExit,)):
             status = exc.code if isinstance(exc.code, int) else 1
@@ -360,7 +365,8 @@ def _spawned(index, world, gpus, payload):
 
 
 def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs=0, speed=None,
-                        sigint_effect="stop", sighup_effect="snapshot", debug=False):
+                        sigint_effect="stop", sighup_effect="snapshot", debug=False,
+                        explain_backward=False):
     """``caffe train --gpu 0,1``: one process per GPU (NCCL), or ``cpu_procs`` CPU processes
     (gloo) when ``gpus`` is empty. Blocks until training ends; exits with the first failing
     process's status."""
@@ -386,6 +392,7 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
         "sigint_effect": sigint_effect,
         "sighup_effect": sighup_effect,
         "debug": bool(debug),
+        "explain_backward": bool(explain_backward),
         "init_method": "file://" + os.path.join(tmp, "rendezvous"),
         "min_level": glog._State.min_level,
         "year": glog._State.year,
@@ -423,7 +430,7 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
 
 
 def train_from_env(param, gpus=(), snapshot="", keep_sparsity=False, speed=None,
-                   sigint_effect="stop", sighup_effect="snapshot"):
+                   sigint_effect="stop", sighup_effect="snapshot", explain_backward=False):
     """Under ``torchrun``: this process is RANK of WORLD_SIZE (LOCAL_RANK on its machine); the
     rendezvous comes from MASTER_ADDR / MASTER_PORT (``env://``). GPU ``LOCAL_RANK`` (or
     ``gpus[LOCAL_RANK]`` when --gpu lists them) with NCCL when CUDA is available, else the CPU
@@ -448,7 +455,8 @@ def train_from_env(param, gpus=(), snapshot="", keep_sparsity=False, speed=None,
                                 timeout=_timeout())
     try:
         run_rank(param, device, rank, world, snapshot=snapshot, keep_sparsity=keep_sparsity,
-                 speed=speed, sigint_effect=sigint_effect, sighup_effect=sighup_effect)
+                 speed=speed, sigint_effect=sigint_effect, sighup_effect=sighup_effect,
+                 explain_backward=explain_backward)
     finally:
         dist.destroy_process_group()
     glog.info("Optimization Done.", where="caffe.cpp:250")

@@ -244,3 +244,12 @@ def test_torchrun_matches_spawned_processes(runs, tmp_path):
     assert len(a) == len(b)
     bad = [(x, y) for x, y in zip(a, b) if not close(x, y, 1e-4)]
     assert not bad, bad[:5]
+
+
+def test_explain_backward_is_logged_once_by_the_root(tmp_path):
+    case = make_case(tmp_path, "explain", batch=8, snapshot=0)
+    res = run_trainer(["train", "--solver", str(case / "solver.prototxt"), "--cpu-procs", "2",
+                       "--iterations", "2", "--explain-backward"], case)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("Backward analysis (--explain-backward)") == 1, res.stderr[-3000:]
+    assert res.stderr.index("Backward analysis") < res.stderr.index("Starting Optimization")
