@@ -357,20 +357,20 @@ class Solver:
     def _take_checkpoint(self, params):
         """The state (weights, update history, lr state, smoothing window) of an iteration whose
         loss was read finite, before its update: what the NaN path saves. Taken at the start
-        of ``step`` and then every ``CHECKPOINT_EVERY`` iterations at a loss read, so it costs
-        one copy of the weights and history per that many iterations (and that memory); by the
-        time a NaN is read the weights have been updated with its gradients, and the state just
-        before them gave that NaN, so neither could be saved instead."""
+        of ``step`` and then every ``CHECKPOINT_EVERY`` iterations at a loss read; by the time
+        a NaN is read the weights have been updated with its gradients, and the state just
+        before them gave that NaN, so neither could be saved instead. It lives in host memory
+        (pinned, filled by asynchronous copies queued before the update, on a GPU), so it takes
+        no GPU memory and the host never waits for it: it is read only after a loss read,
+        which has waited for the GPU anyway."""
         ck = self._checkpoint
-        history = list(self.update.history)
+        tensors = list(params) + list(self.update.history)
         with torch.no_grad():
             if ck is None:
-                ck = {"params": [t.detach().clone() for t in params],
-                      "history": [h.detach().clone() for h in history]}
-            else:
-                torch._foreach_copy_(ck["params"], params)
-                if history:
-                    torch._foreach_copy_(ck["history"], history)
+                ck = {"copies": [torch.empty(t.shape, dtype=t.dtype, device="cpu",
+                                             pin_memory=t.is_cuda) for t in tensors]}
+            for dst, src in zip(ck["copies"], tensors):
+                dst.copy_(src.detach(), non_blocking=src.is_cuda)
         ck.update(iter=self.iter, lr=self.lr.state_dict(), losses=list(self.losses),
                   smoothed_loss=self.smoothed_loss)
         self._checkpoint = ck
@@ -428,11 +428,10 @@ class Solver:
         state_iter, reset_history = self.iter, False
         ck = self._checkpoint
         if ck is not None:
-            params = [lp.tensor for lp in self.net.learnable_params]
+            tensors = [lp.tensor for lp in self.net.learnable_params] + list(self.update.history)
             with torch.no_grad():
-                torch._foreach_copy_(params, ck["params"])
-                for h, saved in zip(self.update.history, ck["history"]):
-                    h.copy_(saved)
+                for t, saved in zip(tensors, ck["copies"]):
+                    t.copy_(saved)
             self.lr.load_state_dict(ck["lr"])
             self.losses, self.smoothed_loss = list(ck["losses"]), ck["smoothed_loss"]
             state_iter = ck["iter"]
