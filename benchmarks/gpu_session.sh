@@ -2,15 +2,19 @@
 # One prepared run for a lent GPU machine (issue #5): the CUDA tests and the GPU benchmarks, each
 # under its own time limit, every result written under $OUT. Run from the repository root:
 #
-#   here:   bash benchmarks/fetch_wheels.sh          # wheels/ (ignored by git) for the device
-#   device: bash benchmarks/gpu_session.sh           # with wheels/ carried along
+#   here:   bash benchmarks/fetch_wheels.sh          # wheels/ and device_shared/ (ignored by git)
+#   device: bash benchmarks/gpu_session.sh           # carry: ["wheels", "device_shared"]
 #
 # The device has PyTorch and CUDA but no package index: our other dependencies come from wheels/.
 # Nothing here changes the GPU's settings. Total budget about 8 minutes of device time.
 set -u
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
+rm -f "$OUT/summary.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d device_shared ]; then     # ../shared does not travel to the device: the carried copy
+    export TRAINER_REFS="$PWD/device_shared/refs" TRAINER_SEEDS="$PWD/device_shared/seeds"
+fi
 PY="${PYTHON:-python3}"
 
 step() {   # step NAME SECONDS COMMAND...: run, keep output and exit status
@@ -36,4 +40,3 @@ step bench_ssd_plate 60 "$PY" benchmarks/ssd_plate.py --device cuda
 step bench_resnet50_fp32 60 "$PY" benchmarks/resnet50.py --device cuda
 step bench_resnet50_bf16 60 "$PY" benchmarks/resnet50.py --device cuda --amp bf16
 step bench_memory 40 "$PY" benchmarks/memory.py --device cuda
-cat "$OUT/summary.txt"

@@ -242,3 +242,41 @@ def test_no_cuda_sync_outside_read_iterations(config, monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
     finally:
         _release(solver)
+
+
+def _smoke_cases():
+    from test_layer_coverage import SMOKE
+    return SMOKE
+
+
+# Dropout draws its mask from the device's own RNG stream: same law, other numbers.
+_RANDOM_ON_DEVICE = {"Dropout"}
+
+
+@pytest.mark.parametrize("c", _smoke_cases())
+def test_every_layer_type_cuda_equals_cpu(c, tmp_path):
+    """Every implemented layer type (the smoke table of tests/test_layer_coverage.py): the same
+    weights and inputs give the same tops, blob diffs and param diffs on CUDA as on the CPU."""
+    from test_layer_coverage import run_smoke
+    if c["type"] in _RANDOM_ON_DEVICE:
+        pytest.skip("%s is random per device" % c["type"])
+    results = []
+    for device in ("cpu", "cuda:0"):
+        where = tmp_path / device.replace(":", "")
+        where.mkdir()
+        net, outs, blobs, params = run_smoke(c, where, device)
+        if device != "cpu":
+            assert all(t.device.type == "cuda" for t in net._data.values()
+                       if isinstance(t, torch.Tensor)), "a blob left the GPU"
+        results.append((outs, blobs, params))
+        del net
+    (oc, bc, pc), (og, bg, pg) = results
+    assert sorted(oc) == sorted(og) and sorted(bc) == sorted(bg) and sorted(pc) == sorted(pg)
+    for kind, a, b in (("output", oc, og), ("diff", bc, bg)):
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-5,
+                                       err_msg="%s %s of %s" % (kind, name, c["type"]))
+    for name in pc:
+        for i, (x, y) in enumerate(zip(pc[name], pg[name])):
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5,
+                                       err_msg="param %d diff of %s (%s)" % (i, name, c["type"]))

@@ -307,28 +307,39 @@ def _special_layer(c, tmp_path):
     return c["layer"]
 
 
-@pytest.mark.parametrize("c", SMOKE)
-def test_smoke_forward_backward(c, tmp_path):
+def run_smoke(c, tmp_path, device="cpu", seed=0):
+    """Build the case's net (weights from ``seed``), run it forward and backward on ``device``:
+    (net, outputs, {blob: diff}, {layer: [param diffs]}) as numpy arrays."""
     layer = _special_layer(c, tmp_path)
-    net = _net(_net_text(layer, c["inputs"]), phase=c["phase"])
+    torch.manual_seed(seed)
+    net = _net(_net_text(layer, c["inputs"]), phase=c["phase"]).to(device)
     if c["type"] == "MemoryData":
         net.layer_dict["mem"].reset(np.ones((4, 1, 2, 2), np.float32), np.arange(4))
     feed = {}
     for i, (name, shape) in enumerate(c["inputs"]):
         feed[name] = c["feed"].get(name, _rand(*shape, seed=i + 1))
     outs = net.forward(**feed)
-    assert outs or c["type"] == "Silence"
-    for name, value in outs.items():
-        assert np.all(np.isfinite(value)), name
     diffs = {}
     for i, name in enumerate(net.outputs):
         if not net.output_loss_weight(name) and net._data[name].requires_grad:
             diffs[name] = _rand(*net._data[name].shape, seed=100 + i)   # Filter: fewer
     net.backward(**diffs)
+    blob_diffs = {name: np.array(net.blobs[name].diff) for name in net.blobs
+                  if net.blobs[name].diff is not None}
+    param_diffs = {name: [np.array(p.diff) for p in ps] for name, ps in net.params.items()}
+    return net, {k: np.array(v) for k, v in outs.items()}, blob_diffs, param_diffs
+
+
+@pytest.mark.parametrize("c", SMOKE)
+def test_smoke_forward_backward(c, tmp_path):
+    net, outs, blob_diffs, param_diffs = run_smoke(c, tmp_path)
+    assert outs or c["type"] == "Silence"
+    for name, value in outs.items():
+        assert np.all(np.isfinite(value)), name
     for name in c["grads"]:
-        assert np.abs(net.blobs[name].diff).sum() > 0, "no gradient reached %s" % name
+        assert np.abs(blob_diffs[name]).sum() > 0, "no gradient reached %s" % name
     if c["params"]:
-        assert any(np.abs(p.diff).sum() > 0 for ps in net.params.values() for p in ps)
+        assert any(np.abs(d).sum() > 0 for ds in param_diffs.values() for d in ds)
 
 
 # ============================================================================ BatchReindex
