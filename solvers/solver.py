@@ -273,7 +273,6 @@ class Solver:
         self._step_start = start_iter
         self._unread = []           # [(iteration, 0-dim float32 loss on the device)]
         params = [lp.tensor for lp in self.net.learnable_params]
-        self._checkpoint = None
         self._take_checkpoint(params)
         last_time = time.perf_counter()
         last_iter = self.iter
@@ -336,7 +335,6 @@ class Solver:
                 self.requested_early_exit = True
                 break
         self._read_losses()
-        self._checkpoint = None
 
     def _read_losses(self, current=None):
         """Bring the unread losses to the host in one transfer, in iteration order, into Caffe's
