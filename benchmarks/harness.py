@@ -84,23 +84,26 @@ def forward_only(net, feed):
 def caffe_sgd(params_mults, lr=0.01, momentum=0.9, weight_decay=0.0005):
     """Caffe's SGD for hand-written params: v = m v + lr*mult*(g + wd*decay_mult*w); w -= v.
     ``params_mults``: [(param, lr_mult, decay_mult)]; params without grad are skipped. Written
-    as a good torch user would: a handful of ``torch._foreach_*`` launches for all params (as
-    torch.optim.SGD's default), so the baseline is not slowed by a Python loop per param."""
-    live = [(p, m, d) for p, m, d in params_mults if p.requires_grad and m]
-    params = [p for p, _, _ in live]
-    history = [torch.zeros_like(p) for p in params]
-    decays = [weight_decay * d for _, _, d in live]
-    rates = [lr * m for _, m, _ in live]
+    as a good torch user would: a few ``torch._foreach_*`` launches per group of equal
+    multipliers (as torch.optim.SGD's default), not a Python loop per param."""
+    groups = {}
+    for p, m, d in params_mults:
+        if p.requires_grad and m:
+            groups.setdefault((m, d), []).append(p)
+    groups = [(m, d, ps, [torch.zeros_like(p) for p in ps]) for (m, d), ps in groups.items()]
 
     def update():
         with torch.no_grad():
-            grads = [p.grad for p in params]
-            step = torch._foreach_mul(params, decays)
-            torch._foreach_add_(step, grads)
-            torch._foreach_mul_(step, rates)
-            torch._foreach_mul_(history, momentum)
-            torch._foreach_add_(history, step)
-            torch._foreach_sub_(params, history)
+            for m, d, ps, history in groups:
+                grads = [p.grad for p in ps]
+                if d:
+                    step = torch._foreach_mul(ps, weight_decay * d)
+                    torch._foreach_add_(step, grads)
+                else:
+                    step = grads
+                torch._foreach_mul_(history, momentum)
+                torch._foreach_add_(history, step, alpha=lr * m)
+                torch._foreach_sub_(ps, history)
     return update
 
 

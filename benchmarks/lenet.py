@@ -1,20 +1,15 @@
 """LeNet training step: `trainer`'s Net + Caffe SGD against a hand-written torch module.
 
-Both run the same ops on the same fixed batch (64x1x28x28) with Caffe's SGD update (momentum 0.9,
-weight decay 5e-4, lr_mult 1/2), so the ratio measures what the Caffe machinery costs over plain
-torch. Goal: trainer / hand-written <= 1.05. Usage: python benchmarks/lenet.py [--device cuda]
+Both run the same ops on the same fixed batch (64x1x28x28 by default) with Caffe's SGD update
+(momentum 0.9, weight decay 5e-4, lr_mult 1/2), so the ratio measures what the Caffe machinery
+costs over plain torch; ``--batch 1`` leaves little but that cost (per-layer Python work, which on
+a GPU is what small nets wait on). Goal: trainer / hand-written <= 1.05.
+Usage: python benchmarks/lenet.py [--device cuda] [--batch N] [--threads N]
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import harness
-from common import compare, machine
-from converters import caffe_pb2
-from converters.prototxt import parse_text
-from layers.net import Net
-from solvers.updates import make_update
 
 LENET = """
 name: "LeNetBench"
@@ -59,42 +54,23 @@ class HandLeNet(torch.nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--iters", type=int, default=50)
-    args = ap.parse_args()
-    device = torch.device(args.device)
+    ap = harness.parser(__doc__, batch_cpu=64, batch_gpu=64, iters_cpu=20, iters_gpu=50)
+    args = harness.finish_args(ap.parse_args())
+    device, b = args.device, args.batch
     torch.manual_seed(0)
-    x = torch.rand(64, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (64,), device=device)
-
-    net = Net(parse_text(LENET, caffe_pb2.NetParameter(), "lenet"), "TRAIN", log=False).to(device)
-    solver_param = parse_text(SOLVER, caffe_pb2.SolverParameter(), "solver")
-    update = make_update(solver_param, net.learnable_params)
-    params = [p.tensor for p in net.learnable_params]
-    feed = {"data": x, "label": y.float()}
-
-    def trainer_step():
-        for p in params:
-            p.grad = None
-        loss = net.run(inputs=feed)
-        loss.backward()
-        update.apply(0.01, 0)
-
+    x = torch.rand(b, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (b,), device=device)
+    net = harness.net_from_text(LENET.replace("dim: 64", "dim: %d" % b)).to(device)
+    trainer_step = harness.trainer_step(net, {"data": x, "label": y.float()}, SOLVER)
     hand = HandLeNet().to(device)
     hand_params = [hand.conv1.weight, hand.conv1.bias, hand.conv2.weight, hand.conv2.bias,
                    hand.ip1.weight, hand.ip1.bias, hand.ip2.weight, hand.ip2.bias]
     mults = [1, 2] * 4
     hand_step = harness.hand_step(lambda: hand(x, y),
                                   [(p, m, 1) for p, m in zip(hand_params, mults)])
-
-    result = compare([("trainer", trainer_step), ("hand-written torch", hand_step)],
-                     iters=args.iters, device=device)
-    print("LeNet training step, batch 64, 28x28, on %s" % machine())
-    for name, sec in result.items():
-        print("  %-20s %8.3f ms/iter  %8.0f images/s" % (name, sec * 1000, 64 / sec))
-    print("  ratio trainer / hand-written: %.3f (goal <= 1.05)"
-          % (result["trainer"] / result["hand-written torch"]))
+    result = harness.run([("trainer", trainer_step), ("hand-written torch", hand_step)], args)
+    harness.report("LeNet training step, batch %d, 28x28" % b, result, b,
+                   [("trainer", "hand-written torch")])
 
 
 if __name__ == "__main__":
