@@ -1,8 +1,7 @@
-"""Shared timing helpers for benchmarks: interleaved trials, medians, synchronised CUDA."""
+"""What every benchmark needs first: the repository on sys.path, CUDA synchronisation, the
+machine's name (timing itself: harness.py)."""
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -14,27 +13,6 @@ if ROOT not in sys.path:
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def time_steps(step, iters, device):
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / iters
-
-
-def compare(named_steps, iters=50, trials=7, warmup=10, device="cpu"):
-    """Time each step function in interleaved trials; returns {name: median seconds/iter}."""
-    for _, step in named_steps:
-        for _ in range(warmup):
-            step()
-    results = {name: [] for name, _ in named_steps}
-    for _ in range(trials):
-        for name, step in named_steps:
-            results[name].append(time_steps(step, iters, device))
-    return {name: statistics.median(v) for name, v in results.items()}
 
 
 def machine():
