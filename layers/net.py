@@ -790,8 +790,10 @@ class Net(torch.nn.Module):
                     if t not in first and (retain or (value.is_leaf and value.requires_grad)):
                         first[t] = value
                     data[t] = value
-                    if weights[j]:
-                        term = value.sum() * weights[j] if weights[j] != 1 else value.sum()
+                    if weights[j]:       # Caffe: loss += weight * sum(top) (a scalar top as is)
+                        term = value if value.dim() == 0 else value.sum()
+                        if weights[j] != 1:
+                            term = term * weights[j]
                         total = term if total is None else total + term
         finally:
             if fuse:
