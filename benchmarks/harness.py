@@ -120,6 +120,16 @@ def hand_step(module_loss, params_mults, lr=0.01):
     return step
 
 
+def count_ops(step):
+    """Top-level aten ops (each a kernel launch or more on a GPU) of one call of ``step``: a
+    figure that, unlike time on a shared machine, does not move between runs."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def compare(named_steps, iters, trials, warmup, device):
     """Interleaved trials; {name: (median wall s/iter, median process CPU s/iter)}. On a busy
     machine the CPU time (with --threads 1) is the steadier figure of the two."""

@@ -71,6 +71,8 @@ def main():
     result = harness.run([("trainer", trainer_step), ("hand-written torch", hand_step)], args)
     harness.report("LeNet training step, batch %d, 28x28" % b, result, b,
                    [("trainer", "hand-written torch")])
+    print("  top-level torch ops per step: trainer %d, hand-written %d"
+          % (harness.count_ops(trainer_step), harness.count_ops(hand_step)))
 
 
 if __name__ == "__main__":
