@@ -526,6 +526,20 @@ class Net(torch.nn.Module):
                 pairs.append((bn, scale))
         return pairs
 
+    def _run_plan(self):
+        """Per layer, what ``run`` needs, gathered once (module, bottom names, indices of the
+        bottoms to detach, top names, loss weights, is an Input): the loop then does no
+        attribute or ModuleList lookups, which on a GPU are what a small net waits on."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = [(layer, tuple(self.bottom_names[li]),
+                     tuple(j for j, d in enumerate(self._detach[li]) if d),
+                     tuple(self.top_names[li]), tuple(self.loss_weights[li]),
+                     self.layer_types[li] == "Input")
+                    for li, layer in enumerate(self.layer_modules)]
+            self.__dict__["_plan"] = plan
+        return plan
+
     def _fuse(self, on):
         for bn, scale in self._bn_scale_pairs:
             bn.fused_scale = (scale,) if on else ()
@@ -750,22 +764,21 @@ class Net(torch.nn.Module):
             first.clear()
         seen = set()
         total = None
-        end = len(self.layer_modules) - 1 if end is None else end
-        fuse = bool(self._bn_scale_pairs) and not retain and start == 0 and \
-            end == len(self.layer_modules) - 1
+        plan = self._run_plan()
+        last = len(plan) - 1
+        end = last if end is None else end
+        fuse = bool(self._bn_scale_pairs) and not retain and start == 0 and end == last
         if fuse:
             self._fuse(True)
         try:
             for li in range(start, end + 1):
-                layer = self.layer_modules[li]
-                names = self.bottom_names[li]
+                layer, names, detach, tops_names, weights, is_input = plan[li]
                 bottoms = [data[b] for b in names]
-                detach = self._detach[li]
-                for j, d in enumerate(detach):
-                    if d and bottoms[j].requires_grad:
+                for j in detach:
+                    if bottoms[j].requires_grad:
                         bottoms[j] = bottoms[j].detach()
-                if inputs is not None and self.layer_types[li] == "Input":
-                    tops = [inputs[t] for t in self.top_names[li]]
+                if inputs is not None and is_input:
+                    tops = [inputs[t] for t in tops_names]
                 else:
                     try:
                         tops = layer(*bottoms)
@@ -775,8 +788,7 @@ class Net(torch.nn.Module):
                         self._forward_failed(li, bottoms, exc)
                     if isinstance(tops, torch.Tensor):
                         tops = (tops,)
-                weights = self.loss_weights[li]
-                for j, t in enumerate(self.top_names[li]):
+                for j, t in enumerate(tops_names):
                     value = tops[j]
                     if retain:
                         if id(value) in seen:
@@ -787,13 +799,14 @@ class Net(torch.nn.Module):
                     # in-place: the diff Caffe shows is the first version's. Kept only where a
                     # diff can be read (retain, or a leaf that gets .grad): elsewhere holding it
                     # would keep a copy of the blob that Caffe, which overwrites it, does not.
-                    if t not in first and (retain or (value.is_leaf and value.requires_grad)):
+                    if (retain or (value.is_leaf and value.requires_grad)) and t not in first:
                         first[t] = value
                     data[t] = value
-                    if weights[j]:       # Caffe: loss += weight * sum(top) (a scalar top as is)
+                    w = weights[j]
+                    if w:                # Caffe: loss += weight * sum(top) (a scalar top as is)
                         term = value if value.dim() == 0 else value.sum()
-                        if weights[j] != 1:
-                            term = term * weights[j]
+                        if w != 1:
+                            term = term * w
                         total = term if total is None else total + term
         finally:
             if fuse:
