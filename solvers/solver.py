@@ -82,6 +82,12 @@ class Solver:
         # how often (in iterations) losses are read to the host: every one on the CPU, where
         # reading costs nothing; on a GPU reading stalls the launch queue, so only now and then
         self.sync_every = 1 if self.device.type == "cpu" else GPU_SYNC_EVERY
+        every = os.environ.get("TRAINER_LOSS_READ_EVERY", "").strip()
+        if every:
+            if not every.isdigit() or int(every) < 1:
+                raise CaffeError("TRAINER_LOSS_READ_EVERY=%s: expected a whole number of "
+                                 "iterations >= 1" % every)
+            self.sync_every = int(every)
         self.net.to(self.device)
         for net in self.test_nets:
             net.to(self.device)
@@ -285,8 +291,11 @@ class Solver:
                 if self.requested_early_exit:
                     break
             display = bool(p.display) and self.iter % p.display == 0
+            # by the iteration number alone, so that data-parallel processes read (and agree
+            # on signals) at the same iterations whatever each has read before
             self.read_due = (display or self.sync_every <= 1 or self.lr.uses_loss
-                             or len(self._unread) + 1 >= self.sync_every
+                             or (self.iter + 1) % self.sync_every == 0
+                             or (p.snapshot and (self.iter + 1) % p.snapshot == 0)
                              or self.iter + 1 >= stop_iter)
             loss = None
             for _ in range(p.iter_size):      # Caffe sums the iter_size losses in Dtype
@@ -349,6 +358,8 @@ class Solver:
         for (iteration, _), value in zip(unread, values):
             if not math.isfinite(value):
                 self._non_finite(value, iteration, current)
+            if iteration == current:       # the window a checkpoint of this iteration keeps
+                self._window_before = (iteration, list(self.losses), self.smoothed_loss)
             self._update_smoothed_loss(value, self._step_start, self.param.average_loss,
                                        iteration)
 
@@ -369,8 +380,15 @@ class Solver:
                                              pin_memory=t.is_cuda) for t in tensors]}
             for dst, src in zip(ck["copies"], tensors):
                 dst.copy_(src.detach(), non_blocking=src.is_cuda)
-        ck.update(iter=self.iter, lr=self.lr.state_dict(), losses=list(self.losses),
-                  smoothed_loss=self.smoothed_loss)
+        # the smoothing window without this iteration's loss: a run resumed from the checkpoint
+        # computes that loss again
+        before = getattr(self, "_window_before", None)
+        if before is not None and before[0] == self.iter:
+            losses, smoothed = before[1], before[2]
+        else:
+            losses, smoothed = list(self.losses), self.smoothed_loss
+        ck.update(iter=self.iter, lr=self.lr.state_dict(), losses=losses,
+                  smoothed_loss=smoothed)
         self._checkpoint = ck
 
     def _update_smoothed_loss(self, loss, start_iter, average_loss, iteration=None):

@@ -93,8 +93,9 @@ def make_case(tmp_path, name, batch, max_iter=20, snapshot=0):
     return d
 
 
-def run_trainer(args, cwd, timeout=600):
+def run_trainer(args, cwd, timeout=600, extra_env=None):
     env = dict(os.environ)
+    env.update(extra_env or {})
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
@@ -253,3 +254,22 @@ def test_explain_backward_is_logged_once_by_the_root(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("Backward analysis (--explain-backward)") == 1, res.stderr[-3000:]
     assert res.stderr.index("Backward analysis") < res.stderr.index("Starting Optimization")
+
+
+def test_late_loss_reads_keep_the_processes_in_step(tmp_path):
+    """Losses read every 16 iterations (the GPU setting) with snapshots between reads: every
+    process reads at the same iterations, so their all-reduces agree (the root's snapshot
+    reads its own losses early; that must not shift its reads), and the log equals the one of
+    reading every iteration."""
+    logs = {}
+    for every in ("1", "16"):
+        case = make_case(tmp_path, "late%s" % every, batch=8, snapshot=5)
+        solver = case / "solver.prototxt"
+        solver.write_text(solver.read_text().replace("display: 1", "display: 20"))
+        res = run_trainer(["train", "--solver", str(solver), "--cpu-procs", "2"], case,
+                          extra_env={"TRAINER_LOSS_READ_EVERY": every})
+        assert res.returncode == 0, res.stderr[-3000:]
+        logs[every] = numbered_lines(res.stderr)
+        assert sorted(p.name for p in case.glob("mlp_iter_*.caffemodel")) == [
+            "mlp_iter_%d.caffemodel" % i for i in (10, 15, 20, 5)]
+    assert logs["16"] == logs["1"] and len(logs["1"]) > 3
