@@ -241,7 +241,7 @@ def match_bboxes(gts, preds, match_type, overlap_threshold, ignore_cross_boundar
         gt_free = gt_free & ~((torch.arange(num_gt, device=device) == gi) & ok)
 
     if match_type == PER_PREDICTION:
-        thr = torch.tensor(overlap_threshold, dtype=ov.dtype, device=device)
+        thr = float(np.float32(overlap_threshold))    # a scalar: no host-to-GPU copy
         good = torch.where(stored & (ov >= thr), ov, neg_one)
         best_val, best_gt = good.max(dim=1)
         # torch.max(dim) returns the first maximal index, as Caffe's strict '>' scan does.

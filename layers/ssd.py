@@ -25,6 +25,15 @@ SOFTMAX, LOGISTIC = 0, 1
 MINING_NONE, MAX_NEGATIVE, HARD_EXAMPLE = 0, 1, 2
 
 
+def _on_device(host, device):
+    """A host tensor made each iteration (ground truth, index lists) on ``device`` without
+    making the host wait for the GPU: on CUDA it is pinned and copied asynchronously (a copy
+    from pageable memory waits for everything queued before it)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _legacy_dims(shape, layer, what="bottom"):
     """Caffe's legacy num/channels/height/width of a blob (missing trailing axes are 1)."""
     if len(shape) > 4:
@@ -545,8 +554,10 @@ class MultiBoxLoss(Layer):
         out = {}
         for item, entries in per_item.items():
             labels = [e[0] for e in entries]
-            boxes = torch.from_numpy(np.stack([e[1] for e in entries])).to(device, dtype)
-            out[item] = (boxes, labels, torch.tensor(labels, dtype=torch.long, device=device))
+            boxes = _on_device(torch.from_numpy(np.stack([e[1] for e in entries])).to(dtype),
+                               device)
+            out[item] = (boxes, labels, _on_device(torch.tensor(labels, dtype=torch.long),
+                                                   device))
         return out
 
     # ------------------------------------------------------------------ matching
@@ -567,15 +578,16 @@ class MultiBoxLoss(Layer):
                     decoded = bu.decode_bboxes(priors, variances, self.code_type,
                                                self.encode_variance_in_target,
                                                loc_preds[i, :, c], clip=False)
-                    if label == -1:
-                        subset = list(range(len(labels)))
+                    if label == -1:          # every ground truth: indices map to themselves
+                        sub_t, sub_boxes = None, boxes
                     else:
                         subset = [g for g, lab in enumerate(labels) if lab == label]
-                    sub_t = torch.tensor(subset, dtype=torch.long, device=priors.device)
-                    idx, ov = bu.match_bboxes(boxes[sub_t], decoded, self.match_type,
+                        sub_t = _on_device(torch.tensor(subset, dtype=torch.long), priors.device)
+                        sub_boxes = boxes[sub_t]
+                    idx, ov = bu.match_bboxes(sub_boxes, decoded, self.match_type,
                                               self.overlap_threshold,
                                               self.ignore_cross_boundary_bbox)
-                    if subset:
+                    if sub_t is not None and len(sub_t):
                         idx = torch.where(idx > -1, sub_t[idx.clamp(min=0)], idx)
                     matches[label] = (idx, ov)
             else:
@@ -698,7 +710,7 @@ class MultiBoxLoss(Layer):
                     if self.sample_size <= 0:
                         self.fail("Check failed: sample_size > 0 (%d vs. 0)" % self.sample_size,
                                   "bbox_util.cpp:720")
-                    limit = torch.tensor(self.sample_size, device=device)
+                    limit = torch.full((), self.sample_size, dtype=torch.long, device=device)
                 num_sel = torch.minimum(limit, eligible.sum())
                 if self.has_nms_param and self.nms_threshold > 0:
                     sel = self._select_with_nms(i, label, loss[i], eligible, num_sel, priors,
@@ -819,7 +831,7 @@ class MultiBoxLoss(Layer):
                         target[i] = torch.where(pos, self._gt_label(i, m, gts), target[i])
                         pos_any[i] |= pos
                 neg_all = torch.stack(negs) if negs else pos_any
-                has_gt = torch.tensor([i in gts for i in range(num)], device=device)
+                has_gt = _on_device(torch.tensor([i in gts for i in range(num)]), device)
                 neg_all = neg_all & has_gt[:, None] & ~pos_any
                 selected = pos_any | neg_all
             else:
