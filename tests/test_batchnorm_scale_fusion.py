@@ -46,10 +46,10 @@ def build(text):
     return Net(parse_text(text, caffe_pb2.NetParameter(), "net"), "TRAIN", log=False)
 
 
-def twins(text):
+def twins(text, device="cpu"):
     torch.manual_seed(0)
-    fused = build(text)
-    plain = build(text)
+    fused = build(text).to(device)
+    plain = build(text).to(device)
     with torch.no_grad():
         for a, b in zip(fused.parameters(), plain.parameters()):
             b.copy_(a)
@@ -57,6 +57,7 @@ def twins(text):
             if type(layer).__name__ == "BatchNorm":
                 for blob, value in zip(layer.blobs, (torch.rand(5), torch.rand(5) + 0.5,
                                                      torch.tensor([2.0]))):
+                    value = value.to(blob.device)
                     blob.copy_(value)
         for a, b in zip(fused.layer_dict["bn"].blobs, plain.layer_dict["bn"].blobs):
             b.copy_(a)
@@ -67,6 +68,8 @@ def twins(text):
 def step(net, feed):
     for p in net.parameters():
         p.grad = None
+    device = next(net.parameters()).device
+    feed = {k: v.to(device) for k, v in feed.items()}
     x = feed["data"].clone().requires_grad_(True)
     loss = net.run(inputs=dict(feed, data=x))
     loss.backward()
