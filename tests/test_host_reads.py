@@ -176,7 +176,7 @@ def test_nan_read_late_saves_the_last_checkpoint(monkeypatch, tmp_path, sync_eve
     prefix = str(tmp_path / "lenet")
     # multistep: lr 0.01, then 1e30 from iteration nan_at - 1 (the loss of nan_at is NaN)
     param = _param("lenet", 40, batch=16, snapshot_prefix=prefix, lr_policy="multistep",
-                   gamma=1e32)
+                   gamma=1e32, average_loss=20)
     param.stepvalue.append(nan_at - 1)
     solver = _solver(param, sync_every)
     try:
@@ -197,3 +197,7 @@ def test_nan_read_late_saves_the_last_checkpoint(monkeypatch, tmp_path, sync_eve
     history = [blob_to_array(h) for h in state.history]
     assert all(np.isfinite(h).all() for h in history)
     assert (expect_state == 0) == all(not h.any() for h in history)   # real momentum after 0
+    # the smoothing window of the state before iteration N: the losses of 0..N-1 (a resumed run
+    # computes iteration N's again)
+    with open(os.path.join(str(tmp_path), name + ".solverstate.trainer")) as f:
+        assert len(json.load(f)["losses"]) == expect_state
