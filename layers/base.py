@@ -144,3 +144,14 @@ def count(shape, start=0, end=None):
     for d in tuple(shape)[start:end]:
         n *= int(d)
     return n
+
+
+def to_device_async(host, device):
+    """A host tensor on ``device`` without making the host wait for the GPU: on CUDA it is
+    pinned (unless it already is) and copied asynchronously; a copy from pageable memory would
+    wait for everything queued on the stream before it."""
+    if device.type != "cuda":
+        return host.to(device)
+    if not host.is_pinned():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

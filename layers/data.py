@@ -28,7 +28,7 @@ import torch
 
 from converters import glog
 from converters.errors import CaffeError
-from layers.base import Layer
+from layers.base import Layer, to_device_async
 from layers.prefetch import Prefetcher
 from layers.registry import register
 from layers.transform import DataTransformer, resize_linear_cv, seed_from_torch
@@ -404,8 +404,7 @@ class _DataLayer(Layer):
             source.pin_memory = True    # later batches come pinned from the prefetch thread
         out = []
         for t in tensors:
-            src = t.pin_memory() if dev.type == "cuda" and not t.is_pinned() else t
-            d = src.to(dev, non_blocking=True)
+            d = to_device_async(t, dev)
             d.host_copy = t
             out.append(d)
         return tuple(out)

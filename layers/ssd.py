@@ -14,7 +14,7 @@ import torch
 from converters import glog
 from converters.errors import CaffeError
 from layers import bbox_util as bu
-from layers.base import Layer
+from layers.base import Layer, to_device_async
 from layers.registry import register
 
 # LossParameter.NormalizationMode
@@ -23,15 +23,6 @@ FULL, VALID, BATCH_SIZE, NONE = 0, 1, 2, 3
 L2, SMOOTH_L1 = 0, 1
 SOFTMAX, LOGISTIC = 0, 1
 MINING_NONE, MAX_NEGATIVE, HARD_EXAMPLE = 0, 1, 2
-
-
-def _on_device(host, device):
-    """A host tensor made each iteration (ground truth, index lists) on ``device`` without
-    making the host wait for the GPU: on CUDA it is pinned and copied asynchronously (a copy
-    from pageable memory waits for everything queued before it)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _legacy_dims(shape, layer, what="bottom"):
@@ -554,10 +545,9 @@ class MultiBoxLoss(Layer):
         out = {}
         for item, entries in per_item.items():
             labels = [e[0] for e in entries]
-            boxes = _on_device(torch.from_numpy(np.stack([e[1] for e in entries])).to(dtype),
-                               device)
-            out[item] = (boxes, labels, _on_device(torch.tensor(labels, dtype=torch.long),
-                                                   device))
+            boxes = torch.from_numpy(np.stack([e[1] for e in entries])).to(dtype)
+            out[item] = (to_device_async(boxes, device), labels,
+                         to_device_async(torch.tensor(labels, dtype=torch.long), device))
         return out
 
     # ------------------------------------------------------------------ matching
@@ -582,7 +572,8 @@ class MultiBoxLoss(Layer):
                         sub_t, sub_boxes = None, boxes
                     else:
                         subset = [g for g, lab in enumerate(labels) if lab == label]
-                        sub_t = _on_device(torch.tensor(subset, dtype=torch.long), priors.device)
+                        sub_t = to_device_async(torch.tensor(subset, dtype=torch.long),
+                                                priors.device)
                         sub_boxes = boxes[sub_t]
                     idx, ov = bu.match_bboxes(sub_boxes, decoded, self.match_type,
                                               self.overlap_threshold,
@@ -831,7 +822,8 @@ class MultiBoxLoss(Layer):
                         target[i] = torch.where(pos, self._gt_label(i, m, gts), target[i])
                         pos_any[i] |= pos
                 neg_all = torch.stack(negs) if negs else pos_any
-                has_gt = _on_device(torch.tensor([i in gts for i in range(num)]), device)
+                has_gt = to_device_async(torch.tensor([i in gts for i in range(num)]),
+                                         device)
                 neg_all = neg_all & has_gt[:, None] & ~pos_any
                 selected = pos_any | neg_all
             else:
