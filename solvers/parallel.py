@@ -225,14 +225,13 @@ class GradientAllReduce:
         # The stop/snapshot requests ride along only when the solver reads its losses this
         # iteration (the same iterations in every process), so that reading them costs no host
         # sync of its own; a signal waits at most until the next read.
-        read = getattr(solver, "read_due", True)
+        read = solver.read_due
         flags = []
         if read:
             pending = solver._pending
             solver._pending = None
             flags = [1.0 if pending == _STOP else 0.0, 1.0 if pending == _SNAPSHOT else 0.0]
-        loss = torch.as_tensor(loss, dtype=torch.float32, device=device).reshape(1)
-        pieces += [loss, torch.tensor(flags, dtype=torch.float32, device=device)]
+        pieces += [loss.reshape(1), torch.tensor(flags, dtype=torch.float32, device=device)]
         flat = torch.cat([x.to(device=device, dtype=torch.float32) for x in pieces])
         dist.all_reduce(flat)
         flat.mul_(self.scale)

@@ -62,6 +62,7 @@ class Solver:
         self.hooks = hooks or {}
         self.is_root = True
         self._unread = []              # losses still on the device (see step)
+        self.read_due = True           # whether this iteration reads them (hooks look)
         self._checkpoint = None
         self._check_param()
         if param.random_seed >= 0:
@@ -279,7 +280,7 @@ class Solver:
         self._step_start = start_iter
         self._unread = []           # [(iteration, 0-dim float32 loss on the device)]
         params = [lp.tensor for lp in self.net.learnable_params]
-        self._take_checkpoint(params)
+        self._take_checkpoint()
         last_time = time.perf_counter()
         last_iter = self.iter
         while self.iter < stop_iter:
@@ -311,9 +312,8 @@ class Solver:
                 loss = hook(self, loss)
             self._unread.append((self.iter, loss))
             if self.read_due:
-                self._read_losses(current=self.iter)
-                if self.iter + 1 - self._checkpoint["iter"] >= CHECKPOINT_EVERY:
-                    self._take_checkpoint(params)
+                self._read_losses(current=self.iter, checkpoint=(
+                    self.iter + 1 - self._checkpoint["iter"] >= CHECKPOINT_EVERY))
             if display:
                 now = time.perf_counter()
                 lapse = int((now - last_time) * 1000) / 1000.0   # Caffe's Timer: whole ms
@@ -345,12 +345,14 @@ class Solver:
                 break
         self._read_losses()
 
-    def _read_losses(self, current=None):
+    def _read_losses(self, current=None, checkpoint=False):
         """Bring the unread losses to the host in one transfer, in iteration order, into Caffe's
         smoothed loss; a non-finite one stops training (:meth:`_non_finite`). ``current``: the
         iteration being run, whose update is not applied yet (its weights are still those
-        that gave its loss)."""
-        unread = getattr(self, "_unread", None)
+        that gave its loss); ``checkpoint``: take the NaN checkpoint of ``current`` once its
+        loss is known finite, with the smoothing window as it was before that loss (a run
+        resumed from it computes that loss again)."""
+        unread = self._unread
         if not unread:
             return
         self._unread = []
@@ -358,12 +360,16 @@ class Solver:
         for (iteration, _), value in zip(unread, values):
             if not math.isfinite(value):
                 self._non_finite(value, iteration, current)
-            if iteration == current:       # the window a checkpoint of this iteration keeps
-                self._window_before = (iteration, list(self.losses), self.smoothed_loss)
+            if checkpoint and iteration == current:
+                self._take_checkpoint()
             self._update_smoothed_loss(value, self._step_start, self.param.average_loss,
                                        iteration)
 
-    def _take_checkpoint(self, params):
+    def _state_tensors(self):
+        """What the NaN checkpoint copies: the learnable weights, then the update history."""
+        return [lp.tensor for lp in self.net.learnable_params] + list(self.update.history)
+
+    def _take_checkpoint(self):
         """The state (weights, update history, lr state, smoothing window) of an iteration whose
         loss was read finite, before its update: what the NaN path saves. Taken at the start
         of ``step`` and then every ``CHECKPOINT_EVERY`` iterations at a loss read; by the time
@@ -373,22 +379,15 @@ class Solver:
         no GPU memory and the host never waits for it: it is read only after a loss read,
         which has waited for the GPU anyway."""
         ck = self._checkpoint
-        tensors = list(params) + list(self.update.history)
+        tensors = self._state_tensors()
         with torch.no_grad():
             if ck is None:
                 ck = {"copies": [torch.empty(t.shape, dtype=t.dtype, device="cpu",
                                              pin_memory=t.is_cuda) for t in tensors]}
             for dst, src in zip(ck["copies"], tensors):
                 dst.copy_(src.detach(), non_blocking=src.is_cuda)
-        # the smoothing window without this iteration's loss: a run resumed from the checkpoint
-        # computes that loss again
-        before = getattr(self, "_window_before", None)
-        if before is not None and before[0] == self.iter:
-            losses, smoothed = before[1], before[2]
-        else:
-            losses, smoothed = list(self.losses), self.smoothed_loss
-        ck.update(iter=self.iter, lr=self.lr.state_dict(), losses=losses,
-                  smoothed_loss=smoothed)
+        ck.update(iter=self.iter, lr=self.lr.state_dict(), losses=list(self.losses),
+                  smoothed_loss=self.smoothed_loss)
         self._checkpoint = ck
 
     def _update_smoothed_loss(self, loss, start_iter, average_loss, iteration=None):
@@ -444,7 +443,7 @@ class Solver:
         state_iter, reset_history = self.iter, False
         ck = self._checkpoint
         if ck is not None:
-            tensors = [lp.tensor for lp in self.net.learnable_params] + list(self.update.history)
+            tensors = self._state_tensors()
             with torch.no_grad():
                 for t, saved in zip(tensors, ck["copies"]):
                     t.copy_(saved)
