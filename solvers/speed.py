@@ -63,21 +63,19 @@ class SpeedState:
 
     def __init__(self, options):
         self.options = options
-        self._losses = []           # per-iteration losses of the first check_iters iterations,
+        self._losses = []           # the first check_iters iterations' losses, on the device
         self.amp_dtype = None
         self.compiled = False
         self.scaler = None
 
     def record(self, loss):
-        """Keep one iteration's loss (a device tensor: read to the host only when asked)."""
-        self._losses.append(loss.detach().reshape(()).float() if torch.is_tensor(loss)
-                            else torch.tensor(float(loss)))
+        """Keep one iteration's loss (the solver's device tensor, read only when asked)."""
+        self._losses.append(loss.detach().reshape(()).float())
 
     @property
     def losses(self):
-        if not self._losses:
-            return []
-        return torch.stack([t.cpu() for t in self._losses]).tolist()
+        """The recorded losses as floats (one transfer from the device)."""
+        return torch.stack(self._losses).tolist() if self._losses else []
 
 
 # ----------------------------------------------------------------------------- applying modes
@@ -445,8 +443,10 @@ def compare(param, options, iters=100, device="cpu", snapshot=""):
 def report_after_training(state, param, device, rng, snapshot="", keep_sparsity=False):
     """The end-of-training I line: the recorded losses against a fresh fp32 run of as many
     iterations (built from the same RNG state, weights and snapshot)."""
-    losses = state.losses if state is not None else []
-    if state is None or not state.options.active() or not losses:
+    if state is None or not state.options.active():
+        return None
+    losses = state.losses
+    if not losses:
         return None
     n = len(losses)
     ref = loss_trace(param, SpeedOptions(), n, device, rng, snapshot, keep_sparsity)
