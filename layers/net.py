@@ -502,6 +502,7 @@ class Net(torch.nn.Module):
                 self._blob_loss_weight[t] = self.loss_weights[li][j]
         self._install_label_checks()
         self._bn_scale_pairs = self._fusable_batchnorm_scale()
+        self._plan = self._run_plan()
 
     def _fusable_batchnorm_scale(self):
         """(BatchNorm, Scale) pairs that ``run`` folds into one batch_norm with an affine: a
@@ -527,18 +528,15 @@ class Net(torch.nn.Module):
         return pairs
 
     def _run_plan(self):
-        """Per layer, what ``run`` needs, gathered once (module, bottom names, indices of the
-        bottoms to detach, top names, loss weights, is an Input): the loop then does no
-        attribute or ModuleList lookups, which on a GPU are what a small net waits on."""
-        plan = self.__dict__.get("_plan")
-        if plan is None:
-            plan = [(layer, tuple(self.bottom_names[li]),
-                     tuple(j for j, d in enumerate(self._detach[li]) if d),
-                     tuple(self.top_names[li]), tuple(self.loss_weights[li]),
-                     self.layer_types[li] == "Input")
-                    for li, layer in enumerate(self.layer_modules)]
-            self.__dict__["_plan"] = plan
-        return plan
+        """Per layer, what ``run`` needs, gathered once at build time (module, bottom names,
+        indices of the bottoms to detach, top names, loss weights, is an Input): the loop then
+        does no attribute or ModuleList lookups, which on a GPU are what a small net waits on.
+        A plain list of tuples, so not registered as submodules."""
+        return [(layer, tuple(self.bottom_names[li]),
+                 tuple(j for j, d in enumerate(self._detach[li]) if d),
+                 tuple(self.top_names[li]), tuple(self.loss_weights[li]),
+                 self.layer_types[li] == "Input")
+                for li, layer in enumerate(self.layer_modules)]
 
     def _fuse(self, on):
         for bn, scale in self._bn_scale_pairs:
@@ -764,7 +762,7 @@ class Net(torch.nn.Module):
             first.clear()
         seen = set()
         total = None
-        plan = self._run_plan()
+        plan = self._plan
         last = len(plan) - 1
         end = last if end is None else end
         fuse = bool(self._bn_scale_pairs) and not retain and start == 0 and end == last
