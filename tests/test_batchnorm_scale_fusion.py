@@ -76,6 +76,17 @@ def step(net, feed):
     return loss.detach(), x.grad
 
 
+def assert_same_step(fused, plain, fused_out, plain_out):
+    """The loss, the data diff, every param and every param diff of the two nets agree."""
+    (la, ga), (lb, gb) = fused_out, plain_out
+    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        if a.grad is not None or b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
 FEED = {"data": torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1)),
         "label": torch.tensor([0.0, 1.0, 2.0, 1.0])}
 
@@ -94,12 +105,7 @@ def test_fused_equals_apart(kwargs, monkeypatch):
         lb, gb = step(plain, FEED)
         assert n_fused == 0 and len(calls) == 1, "the fused run must not call Scale.affine"
         calls.clear()
-        assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
-        for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-            if a.grad is not None or b.grad is not None:
-                assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+        assert_same_step(fused, plain, (la, ga), (lb, gb))
     # after the run both layers are plain modules again (profiling, export call them one by one)
     bn, scale = fused._bn_scale_pairs[0]
     assert bn.fused_scale == () and scale.fused is False

@@ -286,15 +286,8 @@ def test_every_layer_type_cuda_equals_cpu(c, tmp_path):
 def test_batchnorm_scale_fused_equals_apart_on_cuda(kwargs):
     """On CUDA the fused pair can take cuDNN's batch norm (weight and bias given): it must still
     give what the two layers give apart."""
-    from test_batchnorm_scale_fusion import FEED, net_text, step, twins
+    from test_batchnorm_scale_fusion import FEED, assert_same_step, net_text, step, twins
     fused, plain = twins(net_text(**kwargs), device="cuda:0")
     assert len(fused._bn_scale_pairs) == 1
     for _ in range(2):
-        la, ga = step(fused, FEED)
-        lb, gb = step(plain, FEED)
-        assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
-        for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-            if a.grad is not None or b.grad is not None:
-                assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+        assert_same_step(fused, plain, step(fused, FEED), step(plain, FEED))

@@ -324,8 +324,7 @@ def run_smoke(c, tmp_path, device="cpu", seed=0):
         if not net.output_loss_weight(name) and net._data[name].requires_grad:
             diffs[name] = _rand(*net._data[name].shape, seed=100 + i)   # Filter: fewer
     net.backward(**diffs)
-    blob_diffs = {name: np.array(net.blobs[name].diff) for name in net.blobs
-                  if net.blobs[name].diff is not None}
+    blob_diffs = {name: np.array(net.blobs[name].diff) for name in net.blobs}
     param_diffs = {name: [np.array(p.diff) for p in ps] for name, ps in net.params.items()}
     return net, {k: np.array(v) for k, v in outs.items()}, blob_diffs, param_diffs
 
