@@ -54,7 +54,13 @@ def test_channels_last_on_cpu_stays_close(lenet_param):
     from solvers.speed import SpeedOptions, compare
     deviation, mode, ref = compare(lenet_param, SpeedOptions(channels_last=True), ITERS)
     assert len(mode) == ITERS
-    assert deviation < 1e-3, deviation
+    # Same weights, same batch: only the kernels' summation order differs, so the first
+    # losses agree to float32 rounding (a wrong layout or flatten order is off by O(1) here).
+    assert abs(mode[0] - ref[0]) <= 1e-5 * abs(ref[0]), (mode[0], ref[0])
+    # Later, a ReLU input within 1e-7 of zero can fall on the other side in one of the runs, and
+    # at batch 16 one such flip moves the loss by ~1e-5 and the gap grows from there (up to
+    # 2e-3 by iteration 20 on some CPUs and kernel ISAs): a bound for drift, not for a bug.
+    assert deviation < 1e-2, deviation
 
 
 def test_channels_last_layout_is_applied(lenet_param):
