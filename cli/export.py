@@ -45,13 +45,13 @@ def export_command(model, weights, fmt, output, level, stage, opset, debug):
     from layers import export
     from layers.net import Net
     if not model:
-        raise CaffeError("Need a model definition to export (--model).", where="export.py")
+        raise CaffeError("Need a model definition to export (--model).")
     if not output:
-        raise CaffeError("Need an output path (-o).", where="export.py")
+        raise CaffeError("Need an output path (-o).")
     net = Net(model, "TEST", level=level, stages=stages_from(stage), log=False)
     sources = [w for w in (weights or "").split(",") if w]
     for w in sources:
-        glog.info("Loading weights from " + w, where="export.py")
+        glog.info("Loading weights from " + w)
         net.copy_from(w)
     net.eval()
     provenance = os.path.basename(model) + (
@@ -59,12 +59,11 @@ def export_command(model, weights, fmt, output, level, stage, opset, debug):
     first, second = _paths(output, fmt)
     for path in (first, second):
         if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
-            raise CaffeError("Output directory %s does not exist" % os.path.dirname(path),
-                             where="export.py")
+            raise CaffeError("Output directory %s does not exist" % os.path.dirname(path))
     if fmt == "torch":
         _, state = export.export_torch(net, first, second, provenance)
         glog.info("Exported %s as a torch module: %s (code), %s (state_dict, %d tensors)"
-                  % (model, first, second, len(state)), where="export.py")
+                  % (model, first, second, len(state)))
     else:
         export.export_onnx(net, first, opset)
-        glog.info("Exported %s as ONNX: %s" % (model, first), where="export.py")
+        glog.info("Exported %s as ONNX: %s" % (model, first))

@@ -5,6 +5,7 @@ logger, and call layers/ and solvers/. Every error a user can cause ends as one 
 naming the culprit and a non-zero exit; a Python traceback is shown only with ``--debug``.
 """
 import functools
+import signal
 import sys
 import traceback
 
@@ -32,15 +33,15 @@ def report_errors(func):
         except CaffeError as exc:
             if debug:
                 traceback.print_exc()
-            glog.log(exc.severity, exc.message, where=exc.where or "trainer")
+            glog.log(exc.severity, exc.message, where=exc.where)
             sys.exit(EXIT_FATAL)
         except KeyboardInterrupt:
-            glog.log("F", "Interrupted.", where="trainer")
+            glog.log("F", "Interrupted.")
             sys.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except MemoryError:
-            glog.log("F", "Out of memory (host). Reduce batch_size.", where="trainer")
+            glog.log("F", "Out of memory (host). Reduce batch_size.")
             sys.exit(EXIT_FATAL)
         except Exception as exc:  # an internal bug: still one line unless --debug
             if debug:
@@ -48,11 +49,10 @@ def report_errors(func):
             text = str(exc).strip().splitlines()
             if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc):
                 glog.log("F", "Out of memory on the device: %s. Reduce batch_size." %
-                         (text[0] if text else ""), where="trainer")
+                         (text[0] if text else ""))
                 sys.exit(EXIT_FATAL)
             glog.log("F", "Internal error (%s: %s). Run again with --debug for the traceback "
-                     "and report it." % (type(exc).__name__, text[0] if text else ""),
-                     where="trainer")
+                     "and report it." % (type(exc).__name__, text[0] if text else ""))
             sys.exit(EXIT_INTERNAL)
     return wrapper
 
@@ -73,18 +73,17 @@ class CaffeGroup(click.Group):
                 exc.show()
                 sys.exit(exc.exit_code)
             command = exc.ctx.command_path if exc.ctx is not None else (prog_name or "trainer")
-            glog.log("F", "%s (run '%s --help' for the flags)" % (exc.format_message(), command),
-                     where="caffe.cpp")
+            glog.log("F", "%s (run '%s --help' for the flags)" % (exc.format_message(), command))
             sys.exit(exc.exit_code)
         except click.exceptions.ClickException as exc:
             if not standalone_mode:
                 raise
-            glog.log("F", exc.format_message(), where="caffe.cpp")
+            glog.log("F", exc.format_message())
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
             if not standalone_mode:
                 raise
-            glog.log("F", "Aborted.", where="trainer")
+            glog.log("F", "Aborted.")
             sys.exit(130)
 
 
@@ -110,8 +109,20 @@ def _register():
 
 
 def entry():
-    _register()
-    main(prog_name="trainer")
+    """The process entry. Ctrl-C while torch and the layers import, and while the interpreter
+    shuts down (atexit hooks of torch and of the data threads), ends the process quietly, as
+    it ends Caffe; in between it is a KeyboardInterrupt, which the commands turn into their
+    --sigint_effect or one ``F`` line."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        _register()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        main(prog_name="trainer")
+    except KeyboardInterrupt:
+        glog.log("F", "Interrupted.")
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Every line is ``<S><mmdd> <hh:mm:ss.uuuuuu> <tid> <file>:<line>] <text>`` with ``S`` one of
 ``I``, ``W``, ``E``, ``F``. Where we print the same fact as Caffe we pass Caffe's source tag
 (``"solver.cpp:239"``) so a diff against a Caffe log lines up; elsewhere the tag is our own
-``module.py:line``.
+``module.py:line``. A tag is always ``file:line``: one given without a line (``"caffe.cpp"``) is
+replaced by the Python location that logs it, so scripts that split the prefix on ``:`` and
+``]`` never meet a short one.
 
 ``GLOG_log_year_in_prefix=true`` adds the year as glog 0.6 does; the default is the classic
 Caffe-era prefix without it, which is what Caffe users' log parsers expect.
@@ -11,6 +13,7 @@ Caffe-era prefix without it, which is what Caffe users' log parsers expect.
 import datetime
 import inspect
 import os
+import re
 import sys
 import threading
 
@@ -36,11 +39,24 @@ def configure(stream=None, min_level=None, year=None):
     _State.year = year
 
 
+_TAG = re.compile(r"^[^ \]:]+:\d+$")
+
+
+def has_line(where):
+    """True for a complete glog tag, ``file:line``."""
+    return bool(where) and bool(_TAG.match(where))
+
+
 def _caller_tag(depth):
     frame = inspect.currentframe()
     for _ in range(depth):
         frame = frame.f_back
     return "%s:%d" % (os.path.basename(frame.f_code.co_filename), frame.f_lineno)
+
+
+def caller_tag(depth=1):
+    """``file.py:line`` ``depth`` frames above the function that calls this (1: its caller)."""
+    return _caller_tag(depth + 2)
 
 
 def prefix(severity, where):
@@ -50,11 +66,11 @@ def prefix(severity, where):
                                       threading.get_native_id(), where)
 
 
-def log(severity, message, where=None, _depth=2):
+def log(severity, message, where=None, _depth=1):
     """Write one glog line per line of ``message`` (Caffe prints multi-line protos the same way)."""
     if _SEVERITIES.index(severity) < _State.min_level:
         return
-    if where is None:
+    if not has_line(where):
         where = _caller_tag(_depth + 1)
     stream = _State.stream or sys.stderr
     head = prefix(severity, where)

@@ -396,28 +396,27 @@ def _unsupported(net, li, what=None):
     name, kind = net.layer_names[li], net.layer_types[li]
     if what:
         return CaffeError("Cannot export layer '%s' of type %s: %s is not supported by trainer "
-                          "export." % (name, kind, what), where="export.py")
+                          "export." % (name, kind, what))
     hint = ""
     if kind.endswith("Loss") or kind in ("Accuracy", "DetectionOutput", "DetectionEvaluate",
                                          "ArgMax"):
         hint = (" Export the deploy net (the layers up to the scores, with an Input layer), "
                 "not the train/val net.")
     return CaffeError("Cannot export layer '%s': layer type %s is not supported by trainer "
-                      "export.%s Supported types: %s." % (name, kind, hint, ", ".join(SUPPORTED)),
-                      where="export.py")
+                      "export.%s Supported types: %s." % (name, kind, hint, ", ".join(SUPPORTED)))
 
 
 def _check_net(net):
     if net.phase != "TEST":
         raise CaffeError("trainer export writes the TEST-phase (deploy) net; this net was built "
-                         "in phase %s" % net.phase, where="export.py")
+                         "in phase %s" % net.phase)
     inputs = []
     for li, kind in enumerate(net.layer_types):
         layer = net.layer_modules[li]
         if getattr(layer, "is_data", False) or kind in INPUT_TYPES:
             for t in net.top_names[li]:
                 if t in inputs:
-                    raise CaffeError("Input blob %s is produced twice" % t, where="export.py")
+                    raise CaffeError("Input blob %s is produced twice" % t)
                 inputs.append(t)
             continue
         if kind == "Silence":
@@ -425,11 +424,10 @@ def _check_net(net):
         if kind not in EMITTERS:
             raise _unsupported(net, li)
     if not inputs:
-        raise CaffeError("The net has no Input layer: nothing to feed the exported module",
-                         where="export.py")
+        raise CaffeError("The net has no Input layer: nothing to feed the exported module")
     outputs = list(net.outputs)
     if not outputs:
-        raise CaffeError("The net has no output blob (every top is consumed)", where="export.py")
+        raise CaffeError("The net has no output blob (every top is consumed)")
     return inputs, outputs
 
 
@@ -625,7 +623,7 @@ def export_onnx(net, path, opset=None):
         import onnx
     except ImportError:
         raise CaffeError("--format onnx needs the onnx package, which is not installed: "
-                         "pip install 'trainer[onnx]' (or pip install onnx)", where="export.py")
+                         "pip install 'trainer[onnx]' (or pip install onnx)")
     module = NetModule(net, inputs, outputs).eval()
     args = tuple(torch.zeros(tuple(net.blob_shapes[t]), dtype=torch.float32) for t in inputs)
     kwargs = dict(input_names=inputs, output_names=outputs, do_constant_folding=True)
@@ -647,7 +645,6 @@ def export_onnx(net, path, opset=None):
             os.remove(tmp)
         text = str(exc).strip().splitlines()
         raise CaffeError("ONNX export of %s failed: %s: %s" % (
-            net.name or "the net", type(exc).__name__, text[0] if text else ""),
-            where="export.py")
+            net.name or "the net", type(exc).__name__, text[0] if text else ""))
     os.replace(tmp, path)
     return path

@@ -122,8 +122,7 @@ class DataParallelSolver(Solver):
             elif type(layer).__name__ not in ("Input", "DummyData", "MemoryData"):
                 glog.warning("Data layer %s (type %s) cannot be sharded between processes: every "
                              "process reads the same records (Caffe's multi-GPU training does the "
-                             "same for this type)" % (name, type(layer).__name__),
-                             where="parallel.py")
+                             "same for this type)" % (name, type(layer).__name__))
 
     def broadcast_parameters(self):
         """The root's blobs (weights, BatchNorm statistics) to every process (Caffe's
@@ -317,7 +316,7 @@ def _report(exc, debug):
         traceback.print_exc()
     text = str(exc).strip().splitlines()
     glog.log("F", "Internal error (%s: %s). Run again with --debug for the traceback and report "
-             "it." % (type(exc).__name__, text[0] if text else ""), where="trainer")
+             "it." % (type(exc).__name__, text[0] if text else ""))
     return 2
 
 
@@ -379,9 +378,9 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
                          "CPU processes" % ",".join(map(str, gpus)), where="caffe.cpp:105")
     if gpus:
         glog.info("Starting %d processes (NCCL), one per GPU: %s"
-                  % (world, ", ".join(map(str, gpus))), where="parallel.py")
+                  % (world, ", ".join(map(str, gpus))))
     else:
-        glog.info("Starting %d CPU processes (gloo)" % world, where="parallel.py")
+        glog.info("Starting %d CPU processes (gloo)" % world)
     tmp = tempfile.mkdtemp(prefix="trainer-dist-")
     payload = {
         "param": param.SerializeToString(),
@@ -448,7 +447,7 @@ def train_from_env(param, gpus=(), snapshot="", keep_sparsity=False, speed=None,
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world
         _set_threads(local_world)
     glog.info("Process %d of %d (local rank %d) on %s, %s" % (rank, world, local, device,
-                                                             backend), where="parallel.py")
+                                                             backend))
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=_timeout())

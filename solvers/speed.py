@@ -32,8 +32,6 @@ import torch
 
 from converters import caffe_pb2, glog
 
-_TAG = "speed.py"
-
 
 class SpeedOptions(NamedTuple):
     amp: str = ""               # "", "bf16" or "fp16"
@@ -95,7 +93,7 @@ def amp_dtype(name, device, warn=True):
     if name == "fp16" and torch.device(device).type != "cuda":
         if warn:
             glog.warning("--amp fp16 on the CPU: the CPU has no fast fp16 arithmetic; using bf16 "
-                         "autocast instead", where=_TAG)
+                         "autocast instead")
         return torch.bfloat16
     return torch.bfloat16 if name == "bf16" else torch.float16
 
@@ -130,7 +128,7 @@ def apply(solver, options, log=True):
         solver.hooks = hooks
     if log and options.active():
         glog.info("Speed modes: %s (not Caffe's arithmetic; the losses are compared with fp32 at "
-                  "the end)" % options.describe(), where=_TAG)
+                  "the end)" % options.describe())
     solver.speed_state = state
     return state
 
@@ -215,7 +213,7 @@ class LossScaler:
             self.scale *= self.backoff
             self.good = 0
             glog.info("fp16 gradient overflow at iteration %d: update skipped, loss scale now %s"
-                      % (solver.iter, glog.format_number(self.scale)), where=_TAG)
+                      % (solver.iter, glog.format_number(self.scale)))
         else:
             self.good += 1
             if self.good >= self.interval:
@@ -297,7 +295,7 @@ def _compile(net, log=True, train=True, amp=None):
             text = str(exc).strip().splitlines()
             glog.warning("--compile: torch.compile of net %s (%s phase) failed, running it "
                          "eagerly: %s: %s" % (net.name, net.phase, type(exc).__name__,
-                                              text[0] if text else ""), where=_TAG)
+                                              text[0] if text else ""))
         torch._dynamo.reset()
         return False
     state = {"ok": True}
@@ -316,8 +314,7 @@ def _compile(net, log=True, train=True, amp=None):
             state["ok"] = False
             text = str(exc).strip().splitlines()
             glog.warning("--compile: the compiled net %s failed (%s: %s); running it eagerly from "
-                         "now on" % (net.name, type(exc).__name__, text[0] if text else ""),
-                         where=_TAG)
+                         "now on" % (net.name, type(exc).__name__, text[0] if text else ""))
             tail = eager(start=k)
         if head is None:
             return tail
@@ -426,7 +423,7 @@ def max_relative_deviation(losses, reference):
 def log_deviation(options, deviation, iters):
     glog.info("Speed modes %s: the losses of the first %d iterations stray from the fp32 run's by "
               "at most %s (max relative deviation)" % (options.describe(), iters,
-                                                       glog.format_number(deviation)), where=_TAG)
+                                                       glog.format_number(deviation)))
 
 
 def compare(param, options, iters=100, device="cpu", snapshot=""):

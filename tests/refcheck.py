@@ -3,7 +3,7 @@ import re
 
 import numpy as np
 
-LOG_LINE = re.compile(r"^([IWEF])(\d{4}|\d{8}) (\d\d:\d\d:\d\d\.\d{6}) +(\d+) ([^ \]]+)\] (.*)$")
+LOG_LINE = re.compile(r"^([IWEF])(\d{4}|\d{8}) (\d\d:\d\d:\d\d\.\d{6}) +(\d+) ([^ \]:]+:\d+)\] (.*)$")
 
 
 def mismatch(ours, ref, rtol=1e-4, atol_scale=1e-5):

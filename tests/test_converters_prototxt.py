@@ -172,7 +172,7 @@ def test_parse_errors_carry_file_line_column(text, where, what):
     assert err.message.startswith("net.prototxt:" + where), err.message
     assert what in err.message
     assert err.severity == "F"
-    assert err.where is None
+    assert err.where.startswith("prototxt.py:"), err.where     # our own tag, file:line
 
 
 def test_errors_from_files(tmp_path):

@@ -391,3 +391,44 @@ def test_kill_9_never_leaves_a_partial_snapshot(tmp_path):
     assert res.code == 0 and not res.lines("FE"), res.text[-3000:]
     # and its snapshot removed the temporaries the killed writers left
     assert not [f for f in os.listdir(path) if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C elsewhere
+def _entry(script):
+    """Run ``cli.main.entry()`` in a subprocess after ``script`` patched it; (rc, stderr)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import os, signal, sys, time\nimport cli.main as m\n" + script + "\nm.entry()\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def test_ctrl_c_while_importing_ends_quietly():
+    """Ctrl-C while torch and the layers import: the process ends as Caffe's would, no
+    traceback from the middle of an import."""
+    rc, err = _entry("m._register = lambda: os.kill(os.getpid(), signal.SIGINT)")
+    assert rc == -signal.SIGINT, (rc, err)
+    assert err == ""
+
+
+def test_ctrl_c_in_a_command_is_one_f_line():
+    rc, err = _entry("m._register = lambda: None\n"
+                     "def interrupted(**kwargs):\n    raise KeyboardInterrupt\n"
+                     "m.main = interrupted")
+    assert rc == 130, (rc, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and LOG_LINE.match(lines[0]) and lines[0].startswith("F"), err
+    assert lines[0].endswith("] Interrupted.")
+
+
+def test_ctrl_c_during_shutdown_ends_quietly():
+    """After the command (snapshot written), Ctrl-C while atexit hooks run (torch's, the data
+    threads') ends the process without "Exception ignored in atexit callback" tracebacks."""
+    rc, err = _entry("m._register = lambda: None\n"
+                     "m.main = lambda **kwargs: None\n"
+                     "import atexit\n"
+                     "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), "
+                     "time.sleep(5), print('not reached', file=sys.stderr)))")
+    assert rc == -signal.SIGINT, (rc, err)
+    assert err == ""

@@ -129,8 +129,9 @@ def test_cli_reports_deviation_at_the_end(tmp_path, lenet_param):
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert "speed.py] Speed modes --channels-last: the losses of the first 4 iterations stray " \
-           "from the fp32 run's by at most" in last, last
+    assert " speed.py:" in last, last
+    assert "] Speed modes --channels-last: the losses of the first 4 iterations stray from the " \
+           "fp32 run's by at most" in last, last
     value = float(last.split("at most ")[1].split()[0])
     assert value < 1e-3
 
