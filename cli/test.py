@@ -32,6 +32,8 @@ def test(model, weights, iterations, gpu, level, stage, phase, debug):
         raise CaffeError("Need a model definition to score.", where="caffe.cpp:263")
     if not weights:
         raise CaffeError("Need model weights to score.", where="caffe.cpp:264")
+    if iterations < 1:
+        raise CaffeError("--iterations must be at least 1 (got %d)" % iterations)
     device, _ = devices.select(devices.parse_gpus(gpu), where_cpu="caffe.cpp:275")
     net = Net(model, phase, level=level, stages=stages_from(stage))
     net.copy_from(weights)

@@ -95,6 +95,9 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
     param.train_state.level = level
     param.train_state.stage.extend(stages_from(stage))
     if iterations is not None:
+        if iterations < 0:
+            raise CaffeError("--iterations must be at least 0 (it replaces the solver's "
+                             "max_iter; got %d)" % iterations)
         param.max_iter = iterations
     from solvers import parallel
     from solvers.speed import SpeedOptions

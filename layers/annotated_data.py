@@ -453,6 +453,7 @@ class AnnotatedData(_DataLayer):
         self.mean_values = np.asarray(list(tp.mean_value), dtype=F32) if len(tp.mean_value) \
             else None
         self.mean = None
+        self.mean_file = tp.mean_file if tp.HasField("mean_file") else None
         if tp.HasField("mean_file"):
             self._log_lines.append(("data_transformer.cpp:25",
                                     "Loading mean file from: %s" % tp.mean_file))
@@ -500,6 +501,7 @@ class AnnotatedData(_DataLayer):
             else:
                 shapes.append((self.batch_size, 1, 1, 1))
         self._top_shapes = shapes
+        self._check_top_shapes()
         self._noted = set()
         if workers is None or worker_type is None:
             dw, dk = default_workers()
@@ -531,10 +533,11 @@ class AnnotatedData(_DataLayer):
         if mv is not None and len(mv) not in (1, c):
             self.fail("Check failed: mean_values_.size() == 1 || mean_values_.size() == "
                       "datum_channels Specify either 1 mean_value or as many as channels: %d"
-                      % c, "data_transformer.cpp")
+                      % c)
         if self.mean is not None and self.mean.shape[0] != c:
-            self.fail("Check failed: img_channels == data_mean_.channels() (%d vs. %d)"
-                      % (c, self.mean.shape[0]), "data_transformer.cpp")
+            mc = self.mean.shape[0]
+            self.fail("Check failed: img_channels == data_mean_.channels() (%d vs. %d) the "
+                      "mean_file %s has %d channels" % (c, mc, self.mean_file, mc))
 
     def _assembler(self):
         """The function the prefetch thread applies to a batch's item results (no reference to

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from converters import glog
 from converters.errors import CaffeError
 
 
@@ -56,9 +57,10 @@ class Layer(torch.nn.Module):
 
     # ----------------------------------------------------------------- helpers for subclasses
     def fail(self, message, where=None):
-        """Raise a CaffeError naming this layer (Caffe's CHECK in LayerSetUp)."""
+        """Raise a CaffeError naming this layer (Caffe's CHECK in LayerSetUp); without a
+        ``file:line`` tag, the tag is the line that called ``fail``."""
         raise CaffeError("%s (layer %s, type %s)" % (message, self.name, self.param.type),
-                         where=where)
+                         where=where if glog.has_line(where) else glog.caller_tag(1))
 
     def add_blob(self, shape, filler=None):
         """Create the next learnable blob with ``shape``, filled by a Caffe FillerParameter."""
@@ -110,21 +112,29 @@ class Layer(torch.nn.Module):
 def check_blob_counts(cls, param, num_bottoms, num_tops):
     """Caffe's CheckBlobCounts for layer class ``cls`` (the Net calls it before building)."""
     t = param.type
+    # (wanted, got, Caffe's CHECK expression (wanted on the left, as glog prints it), text, line)
     checks = [
-        (cls.exact_bottoms, num_bottoms, "==", "%s Layer takes %s bottom blob(s) as input.", 349),
-        (cls.min_bottoms, num_bottoms, ">=", "%s Layer takes at least %s bottom blob(s) as input.", 353),
-        (cls.max_bottoms, num_bottoms, "<=", "%s Layer takes at most %s bottom blob(s) as input.", 357),
-        (cls.exact_tops, num_tops, "==", "%s Layer produces %s top blob(s) as output.", 361),
-        (cls.min_tops, num_tops, ">=", "%s Layer produces at least %s top blob(s) as output.", 365),
-        (cls.max_tops, num_tops, "<=", "%s Layer produces at most %s top blob(s) as output.", 369),
+        (cls.exact_bottoms, num_bottoms, "ExactNumBottomBlobs() == bottom.size()",
+         "%s Layer takes %s bottom blob(s) as input.", 349),
+        (cls.min_bottoms, num_bottoms, "MinBottomBlobs() <= bottom.size()",
+         "%s Layer takes at least %s bottom blob(s) as input.", 353),
+        (cls.max_bottoms, num_bottoms, "MaxBottomBlobs() >= bottom.size()",
+         "%s Layer takes at most %s bottom blob(s) as input.", 357),
+        (cls.exact_tops, num_tops, "ExactNumTopBlobs() == top.size()",
+         "%s Layer produces %s top blob(s) as output.", 361),
+        (cls.min_tops, num_tops, "MinTopBlobs() <= top.size()",
+         "%s Layer produces at least %s top blob(s) as output.", 365),
+        (cls.max_tops, num_tops, "MaxTopBlobs() >= top.size()",
+         "%s Layer produces at most %s top blob(s) as output.", 369),
     ]
-    for want, got, op, text, line in checks:
+    for want, got, expr, text, line in checks:
         if want is None:
             continue
-        ok = {"==": got == want, ">=": got >= want, "<=": got <= want}[op]
+        op = expr.split()[1]
+        ok = {"==": got == want, "<=": want <= got, ">=": want >= got}[op]
         if not ok:
-            raise CaffeError("Check failed: %s %s %s (%d vs. %d) %s (layer %s, type %s)" % (
-                want, op, got, want, got, text % (t, want), param.name, t),
+            raise CaffeError("Check failed: %s (%d vs. %d) %s (layer %s, type %s)" % (
+                expr, want, got, text % (t, want), param.name, t),
                 where="layer.hpp:%d" % line)
 
 
@@ -144,6 +154,23 @@ def count(shape, start=0, end=None):
     for d in tuple(shape)[start:end]:
         n *= int(d)
     return n
+
+
+def check_top_shape(lp, top, shape):
+    """Caffe's Blob::Reshape checks: no negative axis, at most INT_MAX values. The net builder
+    calls it for every top; data layers also call it before their loader threads start."""
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise CaffeError("Check failed: shape[i] >= 0 (%d vs. 0) top '%s' of layer '%s' "
+                             "(type %s) would have shape %s" % (
+                                 d, top, lp.name, lp.type, " ".join(map(str, shape))),
+                             where="blob.cpp:26")
+    if count(shape) > 2147483647:
+        raise CaffeError("Check failed: count_ <= 2147483647 blob size exceeds INT_MAX: top '%s' "
+                         "of layer '%s' (type %s) would have shape %s" % (
+                             top, lp.name, lp.type, " ".join(map(str, shape))),
+                         where="blob.cpp:29")
+
 
 
 def to_device_async(host, device):

@@ -41,6 +41,9 @@ class InnerProduct(Layer):
         shape = self.bottom_shapes[0]
         self.axis = canonical_axis(p.axis, len(shape), self)
         self.num_output = n = int(p.num_output)
+        if n <= 0:      # Caffe builds an empty blob and its filler divides by zero
+            self.fail("inner_product_param.num_output must be positive (got %d; it has no "
+                      "default)" % n)
         k = count(shape, self.axis)
         self.transpose = bool(p.transpose)
         self.weight = self.add_blob((k, n) if self.transpose else (n, k), p.weight_filler)

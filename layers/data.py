@@ -28,7 +28,7 @@ import torch
 
 from converters import glog
 from converters.errors import CaffeError
-from layers.base import Layer, to_device_async
+from layers.base import Layer, check_top_shape, to_device_async
 from layers.prefetch import Prefetcher
 from layers.registry import register
 from layers.transform import DataTransformer, resize_linear_cv, seed_from_torch
@@ -390,6 +390,12 @@ class _DataLayer(Layer):
     def device(self):
         return self._device_probe.device
 
+    def _check_top_shapes(self):
+        """The net builder's blob checks, made before a loader thread starts: a batch too big
+        for a blob is refused before any of it is read."""
+        for top, shape in zip(self.param.top, self._top_shapes):
+            check_top_shape(self.param, top, shape)
+
     def _to_device(self, tensors):
         """The batch's tops on the layer's device. On CUDA the host batch is pinned (by the
         prefetch thread where there is one, as Caffe's prefetch thread pushes batches) and copied
@@ -538,6 +544,7 @@ class Data(_PrefetchingDataLayer):
             self.source.skip_records(skip)
             self.source.offset = 0
         self._start_rng = self.transformer.get_rng_state()
+        self._check_top_shapes()
         self.prefetcher = Prefetcher(self.source, dp.prefetch, name="data-" + self.name)
 
     def _initial_state(self):
@@ -709,6 +716,7 @@ class ImageData(_PrefetchingDataLayer):
         self._top_shapes = [shape, (self.batch_size,)]
         self._log_lines.append(("image_data_layer.cpp:91",
                                 "output data size: %s" % _size_string(shape)))
+        self._check_top_shapes()
         self.prefetcher = Prefetcher(self.source, param.data_param.prefetch,
                                      name="imagedata-" + self.name)
 

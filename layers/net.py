@@ -27,7 +27,7 @@ import torch
 from converters import caffe_pb2, glog
 from converters.errors import CaffeError
 from layers import registry
-from layers.base import check_blob_counts, count
+from layers.base import check_blob_counts, check_top_shape, count
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST}
 PHASE_NAMES = {v: k for k, v in PHASES.items()}
@@ -188,21 +188,6 @@ def _setup_error(lp, bottom_shapes, what, exc):
                                       type(exc).__name__, text), where="layer.hpp:72") from exc
 
 
-def check_top_shape(lp, top, shape):
-    """Caffe's Blob::Reshape checks: no negative axis, at most INT_MAX values."""
-    for i, d in enumerate(shape):
-        if d < 0:
-            raise CaffeError("Check failed: shape[i] >= 0 (%d vs. 0) top '%s' of layer '%s' "
-                             "(type %s) would have shape %s" % (
-                                 d, top, lp.name, lp.type, " ".join(map(str, shape))),
-                             where="blob.cpp:26")
-    if count(shape) > 2147483647:
-        raise CaffeError("Check failed: count_ <= 2147483647 blob size exceeds INT_MAX: top '%s' "
-                         "of layer '%s' (type %s) would have shape %s" % (
-                             top, lp.name, lp.type, " ".join(map(str, shape))),
-                         where="blob.cpp:29")
-
-
 # ----------------------------------------------------------------------------- pycaffe views
 class BlobView:
     """``net.blobs[name]``: ``.data`` and ``.diff`` as numpy arrays, like pycaffe's Blob."""
@@ -337,7 +322,14 @@ class Net(torch.nn.Module):
         if len(param.input) or len(param.input_dim) or len(param.input_shape):
             raise CaffeError("Legacy net inputs should have been upgraded to an Input layer",
                              where="net.cpp:65")
+        named = {}
         for li, lp in enumerate(param.layer):
+            if lp.name in named:
+                glog.warning("Layers %d and %d of net %s are both named '%s': weights are copied "
+                             "(--weights, snapshots) and shared with the test net by layer name, "
+                             "so the two cannot be told apart; give each layer its own name."
+                             % (named[lp.name], li, param.name or "(unnamed)", lp.name))
+            named.setdefault(lp.name, li)
             lp = self._copy_layer_param(lp)
             if not lp.HasField("phase"):
                 lp.phase = param.state.phase     # Caffe: "Inherit phase from net if unset"
@@ -358,6 +350,9 @@ class Net(torch.nn.Module):
                 layer = cls(lp, bottom_shapes, self.phase)
             except _SETUP_ERRORS as exc:
                 _setup_error(lp, bottom_shapes, "be set up", exc)
+            except CaffeError as exc:
+                self._note_shapeless_inputs(exc, lp)
+                raise
             self._log("Creating Layer %s" % lp.name, "net.cpp:86")
             need_backward = False
             bnb = []
@@ -369,11 +364,15 @@ class Net(torch.nn.Module):
                 need_backward |= blob_need_backward[b]
             tops = list(lp.top)
             for j, t in enumerate(tops):
+                if t in tops[:j]:
+                    raise CaffeError("Top blob '%s' produced by multiple sources: layer '%s' "
+                                     "names it as top %d and top %d"
+                                     % (t, lp.name, tops.index(t), j), where="net.cpp:375")
                 if j < len(lp.bottom) and t == lp.bottom[j]:
                     self._log("%s -> %s (in-place)" % (lp.name, t), "net.cpp:369")
                 elif t in self.blob_shapes:
-                    raise CaffeError("Duplicate blobs produced by multiple sources: top '%s' of "
-                                     "layer '%s' is already produced by layer '%s' (only a layer "
+                    raise CaffeError("Top blob '%s' produced by multiple sources: layer '%s' "
+                                     "names it, and layer '%s' already produces it (only a layer "
                                      "whose top and bottom at the same index share the name "
                                      "works in place)" % (t, lp.name, self.blob_producer[t]),
                                      where="net.cpp:375")
@@ -694,8 +693,21 @@ class Net(torch.nn.Module):
                     module._parameters[key] = owner_tensor
 
     # ------------------------------------------------------------------ weights
-    def copy_from(self, path_or_param):
-        """Caffe's CopyTrainedLayersFrom: copy blobs by layer name; absent layers keep fillers."""
+    def _note_shapeless_inputs(self, exc, lp):
+        """A layer that fails on a 0-D bottom fed by an Input layer without a shape: say so
+        (Caffe names only the layer that fails, far from the missing ``input_param``)."""
+        for b in lp.bottom:
+            producer = self.blob_producer.get(b)
+            if self.blob_shapes.get(b) == () and producer is not None and \
+                    self.layer_types[self.layer_names.index(producer)] == "Input":
+                exc.message += (" -- bottom '%s' has no shape: its Input layer '%s' gives none "
+                                "(input_param { shape { dim: ... } })" % (b, producer))
+                exc.args = (exc.message,)
+                return
+
+    def copy_from(self, path_or_param, resuming=None):
+        """Caffe's CopyTrainedLayersFrom: copy blobs by layer name; absent layers keep fillers.
+        ``resuming``: the .solverstate whose learned_net this is (only for error messages)."""
         from converters.caffemodel import blob_to_array, read_caffemodel
         if isinstance(path_or_param, str):
             source = path_or_param
@@ -721,12 +733,19 @@ class Net(torch.nn.Module):
                     legacy = not len(blob.shape.dim)
                     padded = (1,) * (4 - len(shape)) + shape if len(shape) <= 4 else None
                     if not (legacy and padded is not None and tuple(arr.shape) == padded):
+                        if resuming:
+                            tail = ("(file %s, the learned_net of %s). A snapshot resumes only "
+                                    "the net it was written for; to start from its weights with "
+                                    "a changed net, use --weights and rename the changed layer."
+                                    % (source, resuming))
+                        else:
+                            tail = ("(file %s). To learn this layer's parameters from scratch "
+                                    "rather than copying from a saved net, rename the layer."
+                                    % source)
                         raise CaffeError(
                             "Cannot copy param %d weights from layer '%s'; shape mismatch.  Source "
-                            "param shape is %s; target param shape is %s (file %s). To learn this "
-                            "layer's parameters from scratch rather than copying from a saved "
-                            "net, rename the layer." % (j, src.name, shape_string(arr.shape),
-                                                        shape_string(shape), source),
+                            "param shape is %s; target param shape is %s %s" % (
+                                j, src.name, shape_string(arr.shape), shape_string(shape), tail),
                             where="blob.cpp:500")
                 with torch.no_grad():
                     target.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape))

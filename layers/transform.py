@@ -79,6 +79,7 @@ class DataTransformer:
         self.log_lines = []
         self._warned_force = False
         self.mean = None            # float32 (C, H, W) mean image
+        self.mean_file = param.mean_file if param.HasField("mean_file") else None
         self.mean_values = None     # float32 (K,) with K 1 or C
         if param.HasField("mean_file"):
             if len(param.mean_value):
@@ -151,8 +152,10 @@ class DataTransformer:
             for name, a, b, line in (("channels", c, mc, 70), ("height", h, mh, 71),
                                      ("width", w, mw, 72)):
                 if a != b:
-                    self._fail("Check failed: datum_%s == data_mean_.%s() (%d vs. %d)"
-                               % (name, name, a, b), "data_transformer.cpp:%d" % line)
+                    self._fail("Check failed: datum_%s == data_mean_.%s() (%d vs. %d) the "
+                               "mean_file %s is %dx%dx%d, the images are %dx%dx%d"
+                               % (name, name, a, b, self.mean_file, mc, mh, mw, c, h, w),
+                               "data_transformer.cpp:%d" % line)
         if self.mean_values is not None and len(self.mean_values) not in (1, c):
             self._fail("Check failed: mean_values_.size() == 1 || mean_values_.size() == "
                        "datum_channels Specify either 1 mean_value or as many as channels: %d"

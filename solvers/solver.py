@@ -111,6 +111,11 @@ class Solver:
                 or p.HasField("train_net_param")):
             raise CaffeError("Solver has no training net: give one of net, net_param, train_net "
                              "or train_net_param.", where="solver.cpp:84")
+        given = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(given) > 1:
+            raise CaffeError("SolverParameter must not contain more than one of these fields "
+                             "specifying a train net: net, net_param, train_net, "
+                             "train_net_param (this one has %s)" % ", ".join(given))
         # Caffe would silently build no test net here; a test_interval without test_iter is
         # almost always a mistake, so it is refused before training.
         if p.test_interval and len(p.test_iter) == 0 and (p.HasField("net") or
@@ -168,12 +173,15 @@ class Solver:
             sources.append(("test_net_param", tp, None))
         for i, path in enumerate(p.test_net):
             sources.append(("test_net file", None, path))
-        num_generic = 0
-        if p.HasField("net") or p.HasField("net_param"):
-            num_generic = max(len(p.test_iter) - len(sources), 0)
-        if len(p.test_iter) != len(sources) + num_generic and (len(sources) + num_generic):
-            raise CaffeError("test_iter must be specified for each test network.",
-                             where="solver.cpp:165")
+        # The generic net (net / net_param) is tested once per test_iter beyond the test nets.
+        has_generic = p.HasField("net") or p.HasField("net_param")
+        num_generic = max(len(p.test_iter) - len(sources), 0) if has_generic else 0
+        if len(p.test_iter) != len(sources) + num_generic:
+            # As Caffe's CHECKs: a train_net with test_iter but no test_net is refused rather
+            # than never tested.
+            raise CaffeError("test_iter must be specified for each test network (%d test_iter "
+                             "for %d test nets: test_net / test_net_param)"
+                             % (len(p.test_iter), len(sources)), where="solver.cpp:165")
         if len(p.test_state) and len(p.test_state) != len(sources) + num_generic:
             raise CaffeError("test_state must be unspecified or specified once per test net.",
                              where="solver.cpp:173")
@@ -460,8 +468,7 @@ class Solver:
         if any(not bool(torch.isfinite(h).all()) for h in self.update.history):
             reset_history = True
             glog.warning("The last finite state is that of iteration %d; its momentum/history "
-                         "is not finite and is reset to zero in the snapshot." % state_iter,
-                         where="solver.py")
+                         "is not finite and is reset to zero in the snapshot." % state_iter)
         path = self.snapshot(suffix="_last_finite", iteration=state_iter,
                              zero_history=reset_history)
         raise NonFiniteLoss("%s The last finite state (the weights of iteration %d) was saved "
@@ -610,7 +617,7 @@ class Solver:
 
     def restore(self, path):
         """SGDSolver::Restore from a .solverstate (ours or real Caffe's)."""
-        from converters.caffemodel import blob_to_array, read_caffemodel, read_solverstate
+        from converters.caffemodel import blob_to_array, read_solverstate
         state = read_solverstate(path)
         self.iter = state.iter
         if state.HasField("learned_net"):
@@ -623,7 +630,7 @@ class Solver:
                                  "do not exist (neither relative to the working directory nor "
                                  "beside the solverstate)" % (path, state.learned_net),
                                  where="sgd_solver.cpp:325")
-            self.net.copy_from(read_caffemodel(learned))
+            self.net.copy_from(learned, resuming=path)
         lr_state = {"current_step": state.current_step}
         if self.param.lr_policy == "plateau":
             lr_state.update(minimum_loss=state.minimum_loss, iter_last_event=state.iter_last_event)
@@ -643,18 +650,20 @@ class Solver:
         sidecar = path + ".trainer"
         extra = None
         if os.path.exists(sidecar):
+            problem = None
             try:
                 with open(sidecar) as f:
                     extra = json.load(f)
-                if not isinstance(extra, dict):
-                    extra = {}
-            except (ValueError, OSError, UnicodeDecodeError):
-                extra = {}
-            if extra.get("solverstate_sha256") != hashlib.sha256(
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                problem = "it cannot be read (%s)" % (str(exc).splitlines() or ["corrupt"])[0]
+            if problem is None and not isinstance(extra, dict):
+                problem = "it is not a trainer sidecar (no JSON object)"
+            if problem is None and extra.get("solverstate_sha256") != hashlib.sha256(
                     state.SerializeToString()).hexdigest():
-                glog.warning("Ignoring %s: it does not belong to this solverstate (written for "
-                             "another file). Resuming as Caffe does: data from the first record."
-                             % sidecar, where="solver.py:1")
+                problem = "it does not belong to this solverstate (written for another file)"
+            if problem is not None:
+                glog.warning("Ignoring %s: %s. Resuming as Caffe does: data from the first "
+                             "record." % (sidecar, problem))
                 extra = None
         if extra is not None:
             lr_state.update(extra.get("lr", {}))

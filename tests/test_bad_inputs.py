@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 from conftest import ROOT
 
-LOG_LINE = re.compile(r"^([IWEF])(\d{4}|\d{8}) (\d\d:\d\d:\d\d\.\d{6}) +(\d+) ([^ \]]+)\] (.*)$")
+# glog's prefix, the tag always file:line (a line without one is not counted, so fails the checks)
+LOG_LINE = re.compile(r"^([IWEF])(\d{4}|\d{8}) (\d\d:\d\d:\d\d\.\d{6}) +(\d+) ([^ \]:]+:\d+)\] (.*)$")
 
 # ----------------------------------------------------------------------------- tiny files
 DATA_TRAIN = """layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
@@ -244,7 +245,7 @@ def bottom_not_produced(c):
 def duplicate_top(c):
     c.net = c.net.replace('name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1"',
                           'name: "relu1" type: "ReLU" bottom: "data" top: "ip1"')
-    return TRAIN, ["Duplicate blobs", "'ip1'", "relu1", "'ip1'"]
+    return TRAIN, ["produced by multiple sources", "'ip1'", "relu1", "'ip1'"]
 
 
 @case
@@ -637,6 +638,91 @@ def input_layer_net_for_test_weights(c):
         ["ip1", "8 16", "8 9"]
 
 
+@case
+def same_top_twice_in_one_layer(c):
+    c.net = c.net.replace('name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1"',
+                          'name: "sp" type: "Split" bottom: "ip1" top: "x" top: "x"')
+    return TRAIN, ["Top blob 'x' produced by multiple sources", "'sp'"]
+
+
+@case
+def solver_net_and_train_net(c):
+    c.solver = SOLVER + 'train_net: "net.prototxt"\n'
+    return TRAIN, ["more than one of these fields specifying a train net", "net, train_net"]
+
+
+@case
+def solver_test_iter_without_test_net(c):
+    c.solver = SOLVER.replace('net: "net.prototxt"', 'train_net: "net.prototxt"') + \
+        "test_iter: 2\ntest_interval: 2\n"
+    return TRAIN, ["test_iter must be specified for each test network", "0 test nets"]
+
+
+@case
+def train_iterations_negative(c):
+    return TRAIN + ["--iterations=-5"], ["--iterations", "-5"]
+
+
+@case
+def cmd_test_iterations_zero(c):
+    return ["test", "--model=net.prototxt", "--weights=" + c.base["model"], "--iterations=0"], \
+        ["--iterations must be at least 1"]
+
+
+@case
+def batch_too_big_for_a_blob(c):
+    """Refused before the loader thread starts reading a billion records."""
+    c.net = c.net.replace("batch_size: 4", "batch_size: 1000000000")
+    return TRAIN, ["exceeds INT_MAX", "'data'", "1000000000 1 4 4"]
+
+
+@case
+def inner_product_without_num_output(c):
+    c.net = c.net.replace("num_output: 8 ", "")
+    return TRAIN, ["num_output must be positive", "ip1"]
+
+
+@case
+def conv_without_bottom(c):
+    c.net = c.net.replace('layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }',
+                          'layer { name: "c" type: "Convolution" top: "c" '
+                          'convolution_param { num_output: 2 kernel_size: 1 } }')
+    return TRAIN, ["Check failed: MinBottomBlobs() <= bottom.size() (1 vs. 0)", "layer c"]
+
+
+@case
+def snapshot_of_another_net(c):
+    """A solverstate whose learned_net was written for ip1 with 8 outputs; the net has 6."""
+    from converters import caffe_pb2
+    from converters.caffemodel import write_solverstate
+    write_solverstate(os.path.join(c.path, "s.solverstate"),
+                      caffe_pb2.SolverState(iter=2, learned_net=c.base["model"]))
+    c.net = c.net.replace("num_output: 8", "num_output: 6")
+    return TRAIN + ["--snapshot=s.solverstate"], \
+        ["'ip1'", "tiny.caffemodel", "learned_net of s.solverstate", "--weights"]
+
+
+@case
+def input_without_shape(c):
+    c.net = 'layer { name: "data" type: "Input" top: "data" }\n' + BODY.split(
+        'layer { name: "loss"')[0]
+    return ["test", "--model=net.prototxt", "--weights=" + c.base["model"], "--iterations=1"], \
+        ["ip1", "bottom 'data' has no shape", "Input layer 'data'"]
+
+
+@case
+def mean_file_of_another_size(c):
+    from converters import caffe_pb2
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend([1, 3, 4, 4])
+    blob.data.extend([0.0] * 48)
+    c.write("mean.binaryproto", blob.SerializeToString())
+    c.net = c.net.replace("transform_param { scale: 0.00390625 }",
+                          'transform_param { mean_file: "mean.binaryproto" }', 1)
+    return TRAIN, ["datum_channels == data_mean_.channels() (1 vs. 3)", "mean.binaryproto",
+                   "3x4x4", "1x4x4"]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, base, tmp_path):
     c = Case(str(tmp_path), base)
@@ -695,6 +781,32 @@ def test_debug_shows_traceback(subprocess_runs):
 
 
 # ----------------------------------------------------------------------------- not errors
+def test_duplicate_layer_names_are_warned(base, tmp_path):
+    """Caffe accepts two layers of one name, but copies and shares weights by name: a W line."""
+    c = Case(str(tmp_path), base)
+    c.net = c.net.replace('name: "ip2"', 'name: "ip1"')
+    c.files()
+    res = run_in_process(TRAIN, str(tmp_path))
+    assert res.code == 0, res.text[-3000:]
+    warned = [l for l in res.lines("W") if "both named 'ip1'" in l]
+    assert len(warned) == 1, res.text[-3000:]
+    assert "give each layer its own name" in warned[0]
+
+
+def test_corrupt_sidecar_is_reported_as_corrupt(base, tmp_path):
+    c = Case(str(tmp_path), base)
+    c.files()
+    assert run_in_process(TRAIN, str(tmp_path)).code == 0
+    sidecar = tmp_path / "tiny_iter_3.solverstate.trainer"
+    sidecar.write_text(sidecar.read_text()[:40])
+    c.solver = SOLVER.replace("max_iter: 3", "max_iter: 4")
+    c.files()
+    res = run_in_process(TRAIN + ["--snapshot=tiny_iter_3.solverstate"], str(tmp_path))
+    assert res.code == 0, res.text[-3000:]
+    warned = [l for l in res.lines("W") if "tiny_iter_3.solverstate.trainer" in l]
+    assert len(warned) == 1 and "cannot be read" in warned[0], res.text[-3000:]
+
+
 def test_gpu_request_without_cuda_falls_back(base, tmp_path, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
