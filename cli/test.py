@@ -39,14 +39,34 @@ def test(model, weights, iterations, gpu, level, stage, phase, debug):
     net.copy_from(weights)
     net.to(device)
     glog.info("Running for %d iterations." % iterations, where="caffe.cpp:281")
+    detection = [n for n in net.outputs
+                 if net.layer_types[net.layer_names.index(net.blob_producer[n])]
+                 == "DetectionEvaluate"]
+    plain = [n for n in net.outputs if n not in detection]
     scores, names, loss = None, [], 0.0
+    shapes, varying = {}, []
+    det_scores = None
+    if detection:
+        from solvers.detection_eval import DetectionScores
+        det_scores = DetectionScores()
     with torch.no_grad():
         for i in range(iterations):
             total = net.run()
             loss += float(total) if total is not None else 0.0
+            for j, name in enumerate(detection):
+                det_scores.add(j, net._data[name].detach().reshape(-1, 5).cpu().numpy())
             values = []
-            for name in net.outputs:
-                for v in net._data[name].detach().reshape(-1).cpu().numpy():
+            for name in plain:
+                blob = net._data[name]
+                if shapes.setdefault(name, tuple(blob.shape)) != tuple(blob.shape):
+                    raise CaffeError(
+                        "Output '%s' changed shape between batches (%s, then %s in batch %d): "
+                        "caffe test averages outputs element by element, which needs a fixed "
+                        "shape. Score detections with a DetectionEvaluate output (its mAP is "
+                        "reported) or through the solver's test (eval_type: \"detection\")."
+                        % (name, " ".join(map(str, shapes[name])),
+                           " ".join(map(str, blob.shape)), i))
+                for v in blob.detach().reshape(-1).cpu().numpy():
                     values.append(float(v))
                     if i == 0:
                         names.append(name)
@@ -63,3 +83,12 @@ def test(model, weights, iterations, gpu, level, stage, phase, debug):
         if weight:
             msg += " (* %s = %s loss)" % (_fmt(weight), _fmt(np.float32(weight * mean)))
         glog.info(msg, where="caffe.cpp:321")
+    if det_scores is not None:
+        # Caffe's test would sum DetectionEvaluate rows element by element (rows whose count
+        # changes per batch); SSD-Caffe scores them in the solver's TestDetection: the same here.
+        for j, mean, per_label in det_scores.results("Integral"):
+            for label, ap in per_label:
+                if ap is None:
+                    glog.warning("Missing true_pos for label: %d" % label, where="solver.cpp:524")
+            glog.info("%s = %s (mAP over %d iterations, ap_version Integral, as SSD-Caffe's "
+                      "TestDetection)" % (detection[j], _fmt(np.float32(mean)), iterations))

@@ -252,3 +252,25 @@ def test_resnet_pretrain_then_ssd_finetune(tmp_path, log):
     for name in ("bn_conv1", "bn3a_branch1", "bn5a_branch2b"):
         for a, b in zip(pre[name].blobs, ssd[name].blobs):
             np.testing.assert_array_equal(blob_to_array(a), blob_to_array(b))
+
+
+def test_cli_test_scores_detection_outputs_as_map(tmp_path):
+    """`trainer test` on the SSD test net: DetectionEvaluate rows change in number per batch,
+    so they are not averaged element by element (which failed); their mAP is reported as the
+    solver's TestDetection computes it."""
+    from layers.net import Net
+    net_path = _small_net(os.path.join(ROOT, "configs", "number_plate_ssd", "train_test.prototxt"),
+                          tmp_path / "net.prototxt", 2, 2)
+    net = Net(net_path, "TEST", log=False)
+    net.save(str(tmp_path / "init.caffemodel"))
+    for layer in net.layer_modules:
+        if hasattr(layer, "close"):
+            layer.close()
+    proc = _run_cli(["test", "--model=net.prototxt", "--weights=init.caffemodel",
+                     "--iterations=3"], str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if "(mAP over 3 iterations" in l]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    value = float(lines[0].split("] ")[1].split(" = ")[1].split()[0])
+    assert 0.0 <= value <= 1.0
