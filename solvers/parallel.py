@@ -31,8 +31,10 @@ per device with ``torch.multiprocessing``; NCCL on GPUs, gloo on the CPU) and
 :func:`train_from_env` (under ``torchrun``: RANK / WORLD_SIZE / LOCAL_RANK in the environment,
 one process per device across machines).
 """
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -305,24 +307,46 @@ def _set_threads(world):
     torch.set_num_threads(max(1, cores // max(1, world)))
 
 
-def _report(exc, debug):
-    """One F line for a failed process; returns the exit status."""
-    if isinstance(exc, CaffeError):
-        if debug:
-            traceback.print_exc()
-        glog.log(exc.severity, exc.message, where=exc.where or "trainer")
-        return 1
+def _report(exc, debug, index=0, error_dir=None):
+    """The F line of a failed process; returns the exit status. Under ``trainer train --gpu
+    0,1`` / ``--cpu-procs`` (``error_dir`` given) only process 0 prints it; the others leave it
+    in ``error_dir`` for the parent, which prints the first one when process 0 had none (an
+    error every process meets, a bad net or a NaN, is one F line, not one per process)."""
     if debug:
         traceback.print_exc()
-    text = str(exc).strip().splitlines()
-    glog.log("F", "Internal error (%s: %s). Run again with --debug for the traceback and report "
-             "it." % (type(exc).__name__, text[0] if text else ""))
-    return 2
+    if isinstance(exc, CaffeError):
+        severity, message, where, status = exc.severity, exc.message, exc.where, 1
+    else:
+        text = str(exc).strip().splitlines()
+        severity, message, where, status = "F", (
+            "Internal error (%s: %s). Run again with --debug for the traceback and report it."
+            % (type(exc).__name__, text[0] if text else "")), glog.caller_tag(0), 2
+    if error_dir is not None:
+        path = os.path.join(error_dir, "error.%d" % index)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"severity": severity, "message": message, "where": where}, f)
+        os.replace(path + ".tmp", path)
+    if index == 0 or error_dir is None:
+        glog.log(severity, message, where=where)
+    return status
+
+
+def _report_worker_error(error_dir):
+    """In the parent, after a process failed: the F line of the lowest failed process, unless
+    process 0 printed its own."""
+    names = sorted((n for n in os.listdir(error_dir) if re.fullmatch(r"error\.\d+", n)),
+                   key=lambda n: int(n.split(".")[1]))
+    if not names or names[0] == "error.0":
+        return
+    with open(os.path.join(error_dir, names[0])) as f:
+        e = json.load(f)
+    glog.log(e["severity"], e["message"], where=e["where"])
 
 
 def _spawned(index, world, gpus, payload):
     """Entry of each process started by :func:`train_data_parallel`."""
     glog.configure(min_level=payload["min_level"], year=payload["year"])
+    glog.capture_warnings()
     quiet_unless_root(index)
     param = caffe_pb2.SolverParameter()
     param.ParseFromString(payload["param"])
@@ -350,7 +374,7 @@ def _spawned(index, world, gpus, payload):
         elif isinstance(exc, KeyboardInterrupt):
             status = 130
         else:
-            status = _report(exc, payload["debug"])
+            status = _report(exc, payload["debug"], index, payload["error_dir"])
     finally:
         if dist.is_initialized():
             try:
@@ -392,6 +416,7 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
         "debug": bool(debug),
         "explain_backward": bool(explain_backward),
         "init_method": "file://" + os.path.join(tmp, "rendezvous"),
+        "error_dir": tmp,
         "min_level": glog._State.min_level,
         "year": glog._State.year,
     }
@@ -417,6 +442,7 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
             pass
     except mp.ProcessExitedException as exc:
         sys.stderr.flush()
+        _report_worker_error(tmp)
         raise SystemExit(exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1)
     except mp.ProcessRaisedException as exc:   # pragma: no cover - _spawned reports its own
         raise CaffeError("a training process failed: %s" % str(exc).strip().splitlines()[-1])

@@ -273,3 +273,15 @@ def test_late_loss_reads_keep_the_processes_in_step(tmp_path):
         assert sorted(p.name for p in case.glob("mlp_iter_*.caffemodel")) == [
             "mlp_iter_%d.caffemodel" % i for i in (10, 15, 20, 5)]
     assert logs["16"] == logs["1"] and len(logs["1"]) > 3
+
+
+def test_an_error_every_process_meets_is_one_f_line(tmp_path):
+    """A bad input fails in both processes alike: one F line (process 0's, or else the first
+    other one's, printed by the parent), not one per process."""
+    d = make_case(tmp_path, "bad", 4, max_iter=4)
+    p = run_trainer(["train", "--solver=solver.prototxt", "--cpu-procs=2",
+                     "--weights=nope.caffemodel"], d)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    fatal = [l for l in p.stderr.splitlines() if l.startswith("F")]
+    assert len(fatal) == 1 and "nope.caffemodel" in fatal[0], p.stderr[-3000:]
