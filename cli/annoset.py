@@ -260,6 +260,10 @@ def parse_list(listfile, anno_type):
             text = f.read()
     except OSError as exc:
         raise CaffeError("Cannot read the list file %s: %s" % (listfile, exc.strerror or exc))
+    except UnicodeDecodeError as exc:
+        line = text_line_of(listfile, exc.start)
+        raise CaffeError("%s:%d: the list file is not UTF-8 (byte 0x%02x); save it as UTF-8"
+                         % (listfile, line, exc.object[exc.start]))
     lines = []
     for n, raw in enumerate(text.splitlines(), 1):
         tokens = raw.split()
@@ -276,6 +280,12 @@ def parse_list(listfile, anno_type):
                                  % (listfile, n, len(tokens)))
             lines.append((tokens[0], tokens[1:], n))
     return lines
+
+
+def text_line_of(path, offset):
+    """1-based line number of byte ``offset`` in ``path``."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
 
 
 class _Writer:
@@ -375,8 +385,15 @@ def create_annoset(root, listfile, db_name, anno_type, label_type, labelmap_file
     if os.path.exists(db_name):
         if not redo:
             raise CaffeError("Check failed: mkdir(%s) failed: the database exists (use --redo "
-                             "to replace it)" % db_name, where="db_lmdb.cpp")
+                             "to replace it)" % db_name)
+        if not os.path.isdir(db_name):
+            raise CaffeError("%s exists and is not a database directory; not replacing a file "
+                             "(give another DB_NAME or remove it)" % db_name)
         shutil.rmtree(db_name)
+    parent = os.path.dirname(os.path.abspath(db_name))
+    if not os.path.isdir(parent):
+        raise CaffeError("Check failed: mkdir(%s) failed: the directory %s does not exist"
+                         % (db_name, parent))
     name_to_label = None
     if labelmap_file:
         name_to_label = map_name_to_label(read_label_map(labelmap_file), strict=check_label)

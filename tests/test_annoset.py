@@ -211,6 +211,16 @@ def test_errors(tmp_path):
     res = run(["--check-label", "--labelmap-file", tmp_path / "dup.prototxt", root, lst,
                tmp_path / "db4"])
     assert res.exit_code == 1 and "duplicates of name: cat" in res.output
+    # the database's directory is missing; the database name is a file; a list not in UTF-8
+    res = run(["--labelmap-file", lm, root, lst, tmp_path / "no" / "dir" / "db6"])
+    assert res.exit_code == 1 and "does not exist" in res.output and "Internal" not in res.output
+    (tmp_path / "db7").write_text("a file")
+    res = run(["--redo", "--labelmap-file", lm, root, lst, tmp_path / "db7"])
+    assert res.exit_code == 1 and "is not a database directory" in res.output
+    assert (tmp_path / "db7").read_text() == "a file"
+    (tmp_path / "latin1.txt").write_bytes(b"a.png 1 1 1 2 2\ncaf\xe9.png 1 1 1 2 2\n")
+    res = run(["--labelmap-file", lm, tmp_path, tmp_path / "latin1.txt", tmp_path / "db8"])
+    assert res.exit_code == 1 and "latin1.txt:2" in res.output and "UTF-8" in res.output
     # a missing image is skipped with Caffe's warning
     (tmp_path / "missing.txt").write_text("nope.png\n")
     res = run([tmp_path, tmp_path / "missing.txt", tmp_path / "db5"])
