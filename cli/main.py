@@ -114,6 +114,7 @@ def entry():
     it ends Caffe; in between it is a KeyboardInterrupt, which the commands turn into their
     --sigint_effect or one ``F`` line."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    glog.capture_warnings()
     try:
         _register()
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -112,3 +112,15 @@ def format_number(x):
     if x in (float("inf"), float("-inf")):
         return "inf" if x > 0 else "-inf"
     return "%g" % x
+
+
+def capture_warnings():
+    """Python warnings (numpy's RuntimeWarning, torch's UserWarning) as glog ``W`` lines, tagged
+    with the file:line that warned, instead of Python's own two-line format on stderr."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        log("W", "%s: %s" % (category.__name__, text),
+            where="%s:%d" % (os.path.basename(filename), lineno))
+    warnings.showwarning = show

@@ -40,7 +40,7 @@ _TAG = {
     "input_warn": "upgrade_proto.cpp:72",
     "bn_try": "upgrade_proto.cpp:77", "bn_ok": "upgrade_proto.cpp:80",
     # Lines inside the upgrade helpers and the solver part are approximate.
-    "v0_layer": "upgrade_proto.cpp:231", "v1_has_layer": "upgrade_proto.cpp:584",
+    "v0_layer": "upgrade_proto.cpp:231",
     "v1_layer_fail": "upgrade_proto.cpp:602",
     "solver_try": "upgrade_proto.cpp:1082", "solver_err": "upgrade_proto.cpp:1086",
     "solver_ok": "upgrade_proto.cpp:1089", "solver_warn": "upgrade_proto.cpp:1091",
@@ -152,7 +152,13 @@ def upgrade_net_as_needed(param_file, net):
                   "V1LayerParameter: %s" % param_file, where=_TAG["v1_try"])
         original = caffe_pb2.NetParameter()
         original.CopyFrom(net)
-        if not upgrade_v1_net(original, net):
+        try:
+            upgraded = upgrade_v1_net(original, net)
+        except CaffeError as exc:
+            exc.message = "%s: %s" % (param_file, exc.message)
+            exc.args = (exc.message,)
+            raise
+        if not upgraded:
             success = False
             glog.error("Warning: had one or more problems upgrading V1LayerParameter (see "
                        "above); continuing anyway.", where=_TAG["v1_err"])
@@ -394,10 +400,13 @@ def upgrade_net_data_transformation(net):
 def upgrade_v1_net(v1_net, net):
     """UpgradeV1Net: ``layers`` (V1) -> ``layer`` (V2); return False on problems."""
     ok = True
-    if len(v1_net.layer) > 0:
-        glog.error("Input NetParameter to be upgraded already specifies 'layer' fields; these "
-                   "will be ignored for the upgrade.", where=_TAG["v1_has_layer"])
-        ok = False
+    if len(v1_net.layer) > 0:      # Caffe 1.0's LOG(FATAL): mixing would drop the 'layer's
+        raise CaffeError(
+            "Refusing to upgrade inconsistent NetParameter input; the definition includes both "
+            "'layer' and 'layers' fields (%d and %d). The current format defines 'layer' fields "
+            "with string type like layer { type: 'Layer' ... } and not layers { type: LAYER ... "
+            "}. Manually switch the definition to 'layer' format to continue."
+            % (len(v1_net.layer), len(v1_net.layers)))
     net.CopyFrom(v1_net)
     net.ClearField("layers")
     net.ClearField("layer")

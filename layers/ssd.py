@@ -164,6 +164,9 @@ class PriorBox(Layer):
         self.flip = p.flip
         for ar in p.aspect_ratio:
             ar = np.float32(ar)
+            if not ar > 0:    # SSD-Caffe would divide by it and take its square root: NaN priors
+                self.fail("prior_box_param.aspect_ratio must be positive (got %s)"
+                          % glog.format_number(ar))
             if any(abs(np.float32(ar - np.float32(r))) < 1e-6 for r in ratios):
                 continue
             ratios.append(float(ar))

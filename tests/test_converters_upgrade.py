@@ -221,3 +221,33 @@ def test_solver_type_upgrade(enum, name, log):
     assert upgrade.upgrade_solver_as_needed("s.prototxt", solver)
     assert solver.type == name and not solver.HasField("solver_type")
     assert "'solver_type' field (enum)': s.prototxt" in log.getvalue()
+
+
+def test_v1_net_that_also_has_layer_fields_is_refused(tmp_path):
+    """Caffe 1.0 refuses it (LOG(FATAL)); upgrading only the 'layers' would drop the 'layer's
+    silently (here the loss, so the net would train with loss 0)."""
+    text = V1_NET + 'layer { name: "extra" type: "ReLU" bottom: "ip" top: "ip" }\n'
+    path = _write(tmp_path, "mixed.prototxt", text)
+    with pytest.raises(CaffeError, match="Refusing to upgrade inconsistent NetParameter") as info:
+        prototxt.read_net(path)
+    assert "mixed.prototxt" in info.value.message
+
+
+def test_python_warnings_become_glog_w_lines():
+    import warnings
+    buf = io.StringIO()
+    saved_show, saved_stream = warnings.showwarning, glog._State.stream
+    glog.configure(stream=buf, min_level=0)
+    try:
+        glog.capture_warnings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            np.sqrt(np.float32(-1.0))
+    finally:
+        warnings.showwarning = saved_show
+        glog._State.stream = saved_stream
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("W") and "RuntimeWarning: invalid value encountered in sqrt" \
+        in lines[0]
+    assert "test_converters_upgrade.py:" in lines[0]

@@ -44,6 +44,14 @@ def _set(msg, key, value):
 
 
 # ============================================================================ PriorBox
+@pytest.mark.parametrize("ratio", [0.0, -2.0])
+def test_priorbox_refuses_an_aspect_ratio_that_is_not_positive(ratio):
+    """SSD-Caffe divides by it and takes its square root: NaN priors, trained on silently."""
+    with pytest.raises(CaffeError, match="aspect_ratio must be positive"):
+        make("PriorBox", [(1, 4, 2, 3), (1, 3, 30, 60)],
+             prior_box_param={"min_size": [10.0], "aspect_ratio": [ratio], "flip": True})
+
+
 def test_priorbox_count_and_order():
     layer = make("PriorBox", [(1, 4, 2, 3), (1, 3, 30, 60)],
                  prior_box_param={"min_size": [10.0], "max_size": [20.0],
