@@ -22,7 +22,9 @@ Deliberate differences (documented in the report and README):
   into the same all-reduce as the gradients), so a W-process log equals a one-process log with
   ``batch_size * W`` (within float rounding) instead of showing one shard's numbers.
 * SIGINT / SIGTERM / SIGHUP requests are agreed between the processes (in the same all-reduce)
-  and acted on at the end of the same iteration by all of them, so a stop never deadlocks.
+  and acted on at the end of the same iteration by all of them, so a stop never deadlocks. The
+  spawned processes leave the terminal's process group: the parent takes Ctrl-C and `kill` and
+  hands them to process 0 only, so one signal is one snapshot.
 * snapshots record the data position rounded up to the end of the current round of W shards,
   so a resume (with any number of processes) continues after the last record any process read.
 
@@ -309,9 +311,10 @@ def _set_threads(world):
 
 def _report(exc, debug, index=0, error_dir=None):
     """The F line of a failed process; returns the exit status. Under ``trainer train --gpu
-    0,1`` / ``--cpu-procs`` (``error_dir`` given) only process 0 prints it; the others leave it
-    in ``error_dir`` for the parent, which prints the first one when process 0 had none (an
-    error every process meets, a bad net or a NaN, is one F line, not one per process)."""
+    0,1`` / ``--cpu-procs`` (``error_dir`` given) the processes print none: they leave it in
+    ``error_dir`` and the parent prints one (:func:`_report_worker_error`), so an error every
+    process meets (a bad net, a NaN) is one F line, and an error of one process (a corrupt
+    record in its shard) is not hidden by the lost connection the others then report."""
     if debug:
         traceback.print_exc()
     if isinstance(exc, CaffeError):
@@ -321,32 +324,43 @@ def _report(exc, debug, index=0, error_dir=None):
         severity, message, where, status = "F", (
             "Internal error (%s: %s). Run again with --debug for the traceback and report it."
             % (type(exc).__name__, text[0] if text else "")), glog.caller_tag(0), 2
-    if error_dir is not None:
-        path = os.path.join(error_dir, "error.%d" % index)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"severity": severity, "message": message, "where": where}, f)
-        os.replace(path + ".tmp", path)
-    if index == 0 or error_dir is None:
+    if error_dir is None:
         glog.log(severity, message, where=where)
+        return status
+    path = os.path.join(error_dir, "error.%d" % index)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"severity": severity, "message": message, "where": where,
+                   "internal": status == 2}, f)
+    os.replace(path + ".tmp", path)
     return status
 
 
 def _report_worker_error(error_dir):
-    """In the parent, after a process failed: the F line of the lowest failed process, unless
-    process 0 printed its own."""
-    names = sorted((n for n in os.listdir(error_dir) if re.fullmatch(r"error\.\d+", n)),
-                   key=lambda n: int(n.split(".")[1]))
-    if not names or names[0] == "error.0":
-        return
-    with open(os.path.join(error_dir, names[0])) as f:
-        e = json.load(f)
+    """In the parent, after a process failed: one F line, the user's error (CaffeError) of the
+    lowest process that has one, else the lowest process's internal error."""
+    errors = []
+    for name in os.listdir(error_dir):
+        if re.fullmatch(r"error\.\d+", name):
+            with open(os.path.join(error_dir, name)) as f:
+                e = json.load(f)
+            errors.append((e.get("internal", False), int(name.split(".")[1]), e))
+    if not errors:
+        return None
+    e = min(errors, key=lambda x: x[:2])[2]
     glog.log(e["severity"], e["message"], where=e["where"])
+    return 2 if e.get("internal") else 1
 
 
 def _spawned(index, world, gpus, payload):
     """Entry of each process started by :func:`train_data_parallel`."""
     glog.configure(min_level=payload["min_level"], year=payload["year"])
     glog.capture_warnings()
+    if hasattr(os, "setpgrp"):
+        # Out of the terminal's process group: Ctrl-C (or a signal to the group) reaches the
+        # parent only, which hands it to process 0; the request then reaches every process in
+        # the all-reduce. Delivered to each process too, copies landing on different
+        # iterations made one SIGHUP write two snapshots.
+        os.setpgrp()
     quiet_unless_root(index)
     param = caffe_pb2.SolverParameter()
     param.ParseFromString(payload["param"])
@@ -426,13 +440,13 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
     context = mp.spawn(_spawned, args=(world, gpus, payload), nprocs=world, join=False)
     forwarded = {}
 
-    def forward(signum, frame):        # `kill <parent>` reaches the workers too
-        for proc in context.processes:
-            if proc.is_alive():
-                try:
-                    os.kill(proc.pid, signum)
-                except OSError:
-                    pass
+    def forward(signum, frame):        # `kill <parent>` and Ctrl-C reach process 0, which
+        proc = context.processes[0]    # shares the request with the others
+        if proc.is_alive():
+            try:
+                os.kill(proc.pid, signum)
+            except OSError:
+                pass
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP")
                                                  else [])
     for s in signals:
@@ -442,8 +456,8 @@ def train_data_parallel(param, gpus, snapshot="", keep_sparsity=False, cpu_procs
             pass
     except mp.ProcessExitedException as exc:
         sys.stderr.flush()
-        _report_worker_error(tmp)
-        raise SystemExit(exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1)
+        status = _report_worker_error(tmp)
+        raise SystemExit(status or (exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1))
     except mp.ProcessRaisedException as exc:   # pragma: no cover - _spawned reports its own
         raise CaffeError("a training process failed: %s" % str(exc).strip().splitlines()[-1])
     finally:
