@@ -460,6 +460,17 @@ class Net(torch.nn.Module):
                 if not bottom_need_backward[li][j]:
                     skip_backp.add(b)
         self.logged_need_backward = list(layer_need_backward)
+        for li, layer in enumerate(self.layer_modules):
+            if layer.never_backward and layer_need_backward[li] and any(bottom_need_backward[li]):
+                name, kind = self.layer_names[li], self.layer_types[li]
+                below = [b for b, need in zip(self.bottom_names[li], bottom_need_backward[li])
+                         if need]
+                raise CaffeError(
+                    "Layer '%s' (type %s) needs backward computation, but %s has no backward "
+                    "(Caffe stops at the first backward: Not Implemented Yet), so the loss above "
+                    "it cannot train what produces %s. Set propagate_down: false for that "
+                    "bottom, or lr_mult: 0 below it." % (name, kind, kind, ", ".join(
+                        "'%s'" % b for b in below)))
         if self.force_backward:
             for li, layer in enumerate(self.layer_modules):
                 layer_need_backward[li] = True
@@ -750,8 +761,10 @@ class Net(torch.nn.Module):
                 with torch.no_grad():
                     target.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape))
 
-    def to_proto(self, write_diff=False):
-        """The net's layers and blobs as a NetParameter (Caffe's Net::ToProto)."""
+    def to_proto(self, diffs=None):
+        """The net's layers and blobs as a NetParameter (Caffe's Net::ToProto). ``diffs``
+        ({id(blob tensor): tensor}, Caffe's ``write_diff``) adds each blob's diff; a blob
+        without one (never updated) gets zeros, as Caffe's diff of a frozen param."""
         from converters.caffemodel import array_to_blob
         out = caffe_pb2.NetParameter()
         out.name = self.name
@@ -760,7 +773,12 @@ class Net(torch.nn.Module):
             lp.CopyFrom(layer.param)
             del lp.blobs[:]
             for b in layer.blobs:
-                lp.blobs.add().CopyFrom(array_to_blob(b.detach().cpu().numpy()))
+                data = b.detach().cpu().numpy()
+                diff = None
+                if diffs is not None:
+                    d = diffs.get(id(b))
+                    diff = d.detach().cpu().numpy() if d is not None else np.zeros_like(data)
+                lp.blobs.add().CopyFrom(array_to_blob(data, diff))
         return out
 
     def save(self, path):

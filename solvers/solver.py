@@ -571,7 +571,7 @@ class Solver:
         glog.info("Snapshotting to binary proto file " + model, where="solver.cpp:464")
         if self.sparsity is not None:
             self.sparsity.log("snapshot")
-        proto = self.net.to_proto()
+        proto = self.net.to_proto(self.update.last_updates if self.param.snapshot_diff else None)
         atomic_write(model, proto.SerializeToString())
         state = caffe_pb2.SolverState()
         state.iter = self.iter if iteration is None else iteration

@@ -117,6 +117,11 @@ class Update:
         self.momentum2 = _f32(solver_param.momentum2)
         self.rms_decay = _f32(solver_param.rms_decay)
         self.sanity_check()
+        # snapshot_diff: the last update value of each param (Caffe's diff after
+        # ComputeUpdateValue), by id of the param tensor; kept only when asked (a reference
+        # per param, the history itself for SGD).
+        self.keep_updates = bool(solver_param.snapshot_diff)
+        self.last_updates = {}
         self.history = []
         for _ in range(self.history_sets):
             for p in self.params:
@@ -189,6 +194,9 @@ class Update:
                 local_rate = _f32(rate * group.lr_mult)
                 updates = self._compute(idx, gs, local_rate, int(iteration))
                 torch._foreach_sub_(ps, updates)
+                if self.keep_updates:
+                    for p, u in zip(ps, updates):
+                        self.last_updates[id(p)] = u
 
     def _clip(self, grads):
         clip = self.clip_gradients

@@ -582,3 +582,26 @@ def test_mlp_training_reproduces_caffe_snapshot(case, glog_capture):
         assert num.sub("#", a) == num.sub("#", b)
         np.testing.assert_allclose([float(v) for v in num.findall(a)],
                                    [float(v) for v in num.findall(b)], rtol=1e-4)
+
+
+def test_snapshot_diff_writes_the_last_update_value(tmp_path):
+    """snapshot_diff: true stores each blob's diff. After Caffe's SGD step the diff is the
+    update value, which for SGD is the momentum history: the caffemodel's diffs equal the
+    solverstate's history blobs."""
+    from converters.caffemodel import blob_to_array, read_caffemodel, read_solverstate
+    from test_bad_inputs import SOLVER, TRAIN, Case, make_lmdb, run_in_process
+    files = {"train": make_lmdb(tmp_path / "train_lmdb"), "test": make_lmdb(tmp_path / "t_lmdb")}
+    c = Case(str(tmp_path), files)
+    c.solver = SOLVER + "snapshot_diff: true\n"
+    c.files()
+    res = run_in_process(TRAIN, str(tmp_path))
+    assert res.code == 0, res.text[-3000:]
+    model = read_caffemodel(str(tmp_path / "tiny_iter_3.caffemodel"))
+    state = read_solverstate(str(tmp_path / "tiny_iter_3.solverstate"))
+    diffs = [np.asarray(b.diff, np.float32).reshape(blob_to_array(b).shape)
+             for layer in model.layer for b in layer.blobs]
+    history = [blob_to_array(h) for h in state.history]
+    assert len(diffs) == len(history) == 4
+    for d, h in zip(diffs, history):
+        np.testing.assert_array_equal(d, h.reshape(d.shape))
+    assert all(np.abs(d).sum() > 0 for d in diffs)
