@@ -13,6 +13,7 @@ out-of-range index and we report it as a CaffeError (no extra check, no device s
 """
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -70,8 +71,15 @@ def _normalizer(mode, outer, inner, valid_count=None):
 def _label_error(layer, exc, upper):
     """A label outside [0, C): Caffe only DCHECKs it (release builds read out of bounds); torch
     refuses the index on CPU, which we report as Caffe's check (CUDA asserts on the device)."""
-    layer.fail("Check failed: label_value < %d: a label is outside [0, %d) (%s)"
-               % (upper, upper, str(exc).splitlines()[0]))
+    text = str(exc).splitlines()[0]
+    found = re.search(r"Target (-?\d+) is out of bounds", text)
+    if found is None:
+        layer.fail("Check failed: label_value < %d: a label is outside [0, %d) (%s)"
+                   % (upper, upper, text))
+    value = int(found.group(1))
+    check = ("label_value >= 0 (%d vs. 0)" % value if value < 0
+             else "label_value < num_classes (%d vs. %d)" % (value, upper))
+    layer.fail("Check failed: %s a label is outside [0, %d)" % (check, upper))
 
 
 _NO_IGNORE = -(2 ** 62)

@@ -723,6 +723,18 @@ def mean_file_of_another_size(c):
                    "3x4x4", "1x4x4"]
 
 
+@case
+def argmax_under_a_loss(c):
+    """ArgMax has no backward (Caffe: Not Implemented Yet at the first backward); the weights
+    below it would silently never train."""
+    c.net = c.net.replace(
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }',
+        'layer { name: "am" type: "ArgMax" bottom: "ip2" top: "am" }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "am" bottom: "label" top: "loss" }')
+    return TRAIN, ["Layer 'am' (type ArgMax) needs backward computation", "no backward", "'ip2'",
+                   "propagate_down"]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, base, tmp_path):
     c = Case(str(tmp_path), base)
