@@ -175,13 +175,13 @@ def test_resume_from_another_directory(uninterrupted, tmp_path):
 class Training:
     """`python -m cli train` in a subprocess, its stderr collected line by line."""
 
-    def __init__(self, path, extra=()):
+    def __init__(self, path, extra=(), new_session=False):
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen([sys.executable, "-m", "cli", "train",
                                       "--solver=solver.prototxt"] + list(extra), cwd=path,
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, start_new_session=new_session)
         self.lines = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -432,3 +432,24 @@ def test_ctrl_c_during_shutdown_ends_quietly():
                      "time.sleep(5), print('not reached', file=sys.stderr)))")
     assert rc == -signal.SIGINT, (rc, err)
     assert err == ""
+
+
+def test_each_signal_to_the_process_group_is_one_snapshot_with_two_processes(tmp_path):
+    """`--cpu-procs 2`, SIGHUP to the whole process group (as a terminal or `kill -HUP -PGID`
+    sends it) three times, then SIGINT: three snapshot sets and the stop's, not one per
+    process copy of a signal that landed on different iterations."""
+    path = make_case(str(tmp_path), max_iter=1000000, snapshot=0, test_interval=0)
+    t = Training(path, ["--cpu-procs=2"], new_session=True)
+    try:
+        t.wait_for(r"Iteration 3 ")
+        for k in range(3):
+            os.killpg(t.proc.pid, signal.SIGHUP)
+            t.wait_for(r"Snapshotting solver state", start=0 if k == 0 else t.count() - 1)
+            time.sleep(1.0)
+        os.killpg(t.proc.pid, signal.SIGINT)
+    finally:
+        log = t.finish()
+    assert t.proc.returncode == 0, log[-3000:]
+    models = _snapshots_in_log(log)
+    assert len(models) == 4, models
+    assert len(set(models)) == 4 and all(os.path.exists(os.path.join(path, m)) for m in models)
