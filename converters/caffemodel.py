@@ -244,6 +244,9 @@ def write_binaryproto(path, array, legacy_4d=False):
 def read_solverstate(path):
     """Read a binary ``.solverstate`` (SolverState: iter, learned_net, history, current_step)."""
     path = os.fspath(path)
+    if path.endswith(".h5"):    # Caffe restores these with RestoreSolverStateFromHDF5
+        raise CaffeError("%s is an HDF5 solverstate (snapshot_format: HDF5), which is not "
+                         "supported; resume from a BINARYPROTO .solverstate" % path)
     state = read_binary_proto(path, caffe_pb2.SolverState(), "SolverState")
     if not state.HasField("iter") and not state.HasField("learned_net") and not state.history:
         raise CaffeError("Failed to parse SolverState file: %s (no iter / learned_net / "

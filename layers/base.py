@@ -66,7 +66,11 @@ class Layer(torch.nn.Module):
         """Create the next learnable blob with ``shape``, filled by a Caffe FillerParameter."""
         from layers.fillers import fill
         tensor = torch.empty(tuple(int(d) for d in shape), dtype=torch.float32)
-        fill(tensor, filler)
+        try:
+            fill(tensor, filler)
+        except CaffeError as exc:       # the filler's own check: name the layer
+            raise CaffeError("%s (layer %s, type %s)" % (exc.message, self.name, self.param.type),
+                             where=exc.where) from None
         blob = torch.nn.Parameter(tensor)
         self.blobs.append(blob)
         return blob

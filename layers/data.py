@@ -614,6 +614,9 @@ class ImageListSource:
                              % (name, self.layer_name), where="image_data_layer.cpp:143")
         try:
             img = read_image_file(path, self.is_color, path)
+        except CaffeError as exc:       # undecodable: name the layer too
+            raise CaffeError("%s (layer %s)" % (exc.message, self.layer_name),
+                             where=exc.where) from None
         except OSError as exc:
             raise CaffeError("Check failed: cv_img.data Could not load %s (layer %s): %s"
                              % (name, self.layer_name, exc.strerror or exc),
@@ -848,7 +851,10 @@ class HDF5Data(_DataLayer):
         if not self.files:
             self.fail("Check failed: num_files_ >= 1 (0 vs. 1) Must have at least 1 HDF5 "
                       "filename listed in %s" % source, "hdf5_data_layer.cpp:94")
-        _h5py()
+        try:
+            _h5py()
+        except CaffeError as exc:
+            self.fail(exc.message, exc.where)
         self.rng = np.random.Generator(np.random.PCG64(seed_from_torch())) if self.shuffle \
             else None
         self.file_perm = list(range(len(self.files)))
@@ -996,7 +1002,10 @@ class DummyData(_DataLayer):
             fillers = [dp.data_filler[0 if nf == 1 else i] for i in range(num_top)]
         self.fillers = fillers
         self.refill = [(f.type or "constant") != "constant" for f in fillers]
-        from layers.fillers import fill
+        from layers.fillers import FILLER_TYPES, fill
+        for f in fillers:     # a refilled top would meet an unknown name only in forward
+            if (f.type or "constant") not in FILLER_TYPES:
+                self.fail("Unknown filler name: %s" % f.type, "filler.hpp:285")
         self._constant = []
         for shape, f, refill in zip(shapes, fillers, self.refill):
             if refill:

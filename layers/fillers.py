@@ -78,3 +78,8 @@ def fill(tensor, filler=None):
         else:
             raise CaffeError("Unknown filler name: %s" % kind, where="filler.hpp:285")
     return tensor
+
+
+# Caffe's GetFiller names (filler.hpp), in the order fill() checks them.
+FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra",
+                "bilinear")

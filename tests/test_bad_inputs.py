@@ -735,6 +735,36 @@ def argmax_under_a_loss(c):
                    "propagate_down"]
 
 
+@case
+def snapshot_in_hdf5(c):
+    c.write("s.solverstate.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 32)
+    return TRAIN + ["--snapshot=s.solverstate.h5"], ["s.solverstate.h5", "HDF5 solverstate"]
+
+
+@case
+def unknown_weight_filler(c):
+    c.net = c.net.replace('num_output: 8 weight_filler { type: "xavier" }',
+                          'num_output: 8 weight_filler { type: "bogus" }')
+    return TRAIN, ["Unknown filler name: bogus", "layer ip1"]
+
+
+@case
+def unknown_dummy_data_filler(c):
+    c.net = c.net + ('layer { name: "dd" type: "DummyData" top: "dd" dummy_data_param { '
+                     'shape { dim: 2 dim: 3 } data_filler { type: "bogus" } } }\n'
+                     'layer { name: "sil" type: "Silence" bottom: "dd" }\n')
+    return TRAIN, ["Unknown filler name: bogus", "layer dd"]
+
+
+@case
+def image_data_file_is_not_an_image(c):
+    c.write("text.png", "not an image\n")
+    c.write("list.txt", "text.png 1\n")
+    c.net = ('layer { name: "img" type: "ImageData" top: "data" top: "label" '
+             'image_data_param { source: "list.txt" batch_size: 1 } }\n' + BODY)
+    return TRAIN, ["text.png", "layer img"]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, base, tmp_path):
     c = Case(str(tmp_path), base)
