@@ -137,7 +137,7 @@ def datums_to_batch(datums, transformer, whats):
     items = [datum_array(d, transformer, what) for d, what in zip(datums, whats)]
     if any(it.dtype != np.uint8 for it in items):
         items = [it.astype(np.float32, copy=False) for it in items]
-    return transformer.transform_list(items)
+    return transformer.transform_list(items, whats)
 
 
 # ----------------------------------------------------------------------------- LMDB
@@ -626,17 +626,19 @@ class ImageListSource:
         return img
 
     def next_batch(self):
-        items, labels = [], []
+        items, labels, names = [], [], []
         n = len(self.lines)
         for _ in range(self.batch_size):
             items.append(self.load(self.lines_id))
-            labels.append(self.lines[self.order[self.lines_id]][1])
+            name, label = self.lines[self.order[self.lines_id]]
+            labels.append(label)
+            names.append(name)
             self.lines_id += 1
             if self.lines_id >= n:
                 self.lines_id = 0        # Caffe: DLOG "Restarting data prefetching from start."
                 if self.shuffle:
                     self.shuffle_images()
-        data = self.transformer.transform_list(items)
+        data = self.transformer.transform_list(items, names)
         return (torch.from_numpy(data), torch.from_numpy(np.asarray(labels, dtype=np.float32)))
 
 

@@ -252,11 +252,12 @@ class DataTransformer:
         mirror, h_off, w_off = self.draw(n, h, w) if self.needs_rand else (None, None, None)
         return self.apply(x, mirror, h_off, w_off)
 
-    def transform_list(self, items):
+    def transform_list(self, items, names=None):
         """Transform a list of (C, H, W) arrays that may differ in size (crop makes them equal).
 
         Returns float32 (N, C, H', W'); the output size is that of the first item (Caffe
         reshapes the batch from its first datum) and every item must transform to it.
+        ``names`` (record keys, image paths) name the items in the error of a size mismatch.
         """
         if not items:
             raise CaffeError("There is no datum to add", where="data_transformer.cpp:182")
@@ -267,13 +268,17 @@ class DataTransformer:
         out = np.empty((len(items),) + shape, dtype=np.float32)
         for i, it in enumerate(items):
             c, h, w = it.shape
+            which = ""
+            if names is not None:
+                which = ": %s is %dx%dx%d, the batch's first item %s is %dx%dx%d" % (
+                    names[i], c, h, w, names[0], first[0], first[1], first[2])
             if c != shape[0]:
-                self._fail("Check failed: channels == datum_channels (%d vs. %d)"
-                           % (shape[0], c), "data_transformer.cpp:122")
+                self._fail("Check failed: channels == datum_channels (%d vs. %d)%s"
+                           % (shape[0], c, which), "data_transformer.cpp:122")
             if not self.crop_h and (h, w) != shape[1:]:
                 self._fail("Check failed: datum_height == height (%d vs. %d): items of a batch "
-                           "differ in size (set crop_size, or resize them)" % (h, shape[1]),
-                           "data_transformer.cpp:133")
+                           "differ in size%s (set crop_size, or resize them)"
+                           % (h, shape[1], which), "data_transformer.cpp:133")
             if self.needs_rand:
                 m, ho, wo = self.draw(1, h, w)
                 out[i] = self.apply(it[None], m, ho, wo)[0]

@@ -765,6 +765,17 @@ def image_data_file_is_not_an_image(c):
     return TRAIN, ["text.png", "layer img"]
 
 
+@case
+def records_of_two_sizes_in_one_batch(c):
+    from converters.datum import make_datum
+    small = make_datum(np.zeros((1, 4, 4), np.uint8), 1).SerializeToString()
+    large = make_datum(np.zeros((1, 5, 5), np.uint8), 1).SerializeToString()
+    make_lmdb(os.path.join(c.path, "mixed_lmdb"), records=[small] * 2 + [large] * 10)
+    c.net = DATA_TRAIN.format(train="mixed_lmdb", test="") + BODY
+    return TRAIN, ["items of a batch differ in size", "record key '00000002'", "1x5x5",
+                   "record key '00000000'", "1x4x4"]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, base, tmp_path):
     c = Case(str(tmp_path), base)
