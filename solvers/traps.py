@@ -11,7 +11,10 @@
     ``lr_mult: 0`` for its scale only still trains its bias: the line says so); or
   - no layer connected to it (above or below, through any path) trains: every param there has
     ``lr_mult: 0`` or receives no gradient (e.g. a distillation teacher whose loss has
-    ``loss_weight: 0``).
+    ``loss_weight: 0``); or
+  - it lies in a frozen backbone under a trained head: every layer with weights below it is
+    frozen and it has no trainable Scale (``lr_mult: 0`` on BatchNorm's own three blobs is
+    Caffe's idiom for every BatchNorm, so it is no sign of freezing by itself).
 
   A BatchNorm that sits in a trained part of the net is normal fine-tuning and gets no warning.
 """
@@ -47,8 +50,9 @@ def _scale_after(net, li):
     return None
 
 
-def _connected(net, li):
-    """Indices of the layers above (fed by) and below (feeding) layer ``li``, transitively."""
+def _connected(net, li, above=True):
+    """Indices of the layers above (fed by; unless ``above`` is False) and below (feeding)
+    layer ``li``, transitively."""
     n = len(net.layer_modules)
     producer = {}             # (layer, bottom index) -> producing layer
     last = {}
@@ -65,7 +69,7 @@ def _connected(net, li):
         for p in parents[k]:
             children[p].append(k)
     seen = set()
-    for edges in (parents, children):
+    for edges in ((parents, children) if above else (parents,)):
         stack = [li]
         while stack:
             k = stack.pop()
@@ -103,6 +107,12 @@ def frozen_batchnorm_layers(net, base_lr):
         if base_lr != 0 and not any(_trains(net, k, base_lr) for k in _connected(net, li)):
             reasons.append("no layer above or below it trains (lr_mult 0, or no gradient "
                            "reaches them)")
+        elif base_lr != 0 and (sc is None or not _trains(net, sc, base_lr)):
+            below = [k for k in _connected(net, li, above=False) if net.layer_modules[k].blobs]
+            if below and not any(_trains(net, k, base_lr) for k in below):
+                reasons.append("it lies in the frozen part of the net: every layer with "
+                               "weights below it (%s) has lr_mult 0 or gets no gradient"
+                               % ", ".join("'%s'" % net.layer_names[k] for k in sorted(below)))
         if reasons:
             found.append((net.layer_names[li], "; ".join(reasons)))
     return found
@@ -116,8 +126,7 @@ def warn_frozen_batchnorm(net, solver_param):
             "forward pass normalises with batch statistics and overwrites its running "
             "mean/variance, which the TEST net uses, so test outputs drift although the net "
             "looks frozen. To freeze it, set batch_norm_param { use_global_stats: true } in "
-            "layer '%s'." % (name, reason, name),
-            where="traps.py:1")
+            "layer '%s'." % (name, reason, name))
 
 
 def unlearned_global_stats_layers(net):
@@ -146,5 +155,4 @@ def warn_unlearned_global_stats(net):
             "they were never learned (moving-average factor 0, no weights loaded for it): it "
             "divides by sqrt(eps) instead of the batch's standard deviation, so activations "
             "are amplified and training may diverge. Load a caffemodel that has its statistics, "
-            "or leave use_global_stats unset while training from scratch." % name,
-            where="traps.py:2")
+            "or leave use_global_stats unset while training from scratch." % name)

@@ -114,6 +114,25 @@ def test_everything_frozen_is_a_trap():
     assert "no layer above or below it trains" in found[0][1]
 
 
+def test_batchnorm_without_scale_in_a_frozen_backbone_is_a_trap():
+    """Frozen conv -> BatchNorm (Caffe's idiomatic lr_mult 0 on its three blobs, no Scale) ->
+    trained head: nothing of the backbone trains, yet its statistics move."""
+    text = NET.replace('layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" '
+                       '%(scale)s\n  scale_param { bias_term: true } }\n', '')
+    from converters import caffe_pb2
+    from converters.prototxt import parse_text
+    from layers.net import Net
+    from solvers.traps import frozen_batchnorm_layers
+    bn_idiom = " ".join(["param { lr_mult: 0 decay_mult: 0 }"] * 3)
+    net = Net(parse_text(text % dict(conv=FROZEN, bn=bn_idiom, ip=""),
+                         caffe_pb2.NetParameter()), "TRAIN", log=False)
+    found = frozen_batchnorm_layers(net, 0.01)
+    assert len(found) == 1 and "frozen part of the net" in found[0][1] and "'conv'" in found[0][1]
+    unfrozen = Net(parse_text(text % dict(conv="", bn=bn_idiom, ip=""),
+                              caffe_pb2.NetParameter()), "TRAIN", log=False)
+    assert frozen_batchnorm_layers(unfrozen, 0.01) == []
+
+
 def test_base_lr_zero_is_a_trap():
     found = _found(base_lr=0)
     assert len(found) == 1 and "base_lr is 0" in found[0][1]
