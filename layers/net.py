@@ -479,10 +479,13 @@ class Net(torch.nn.Module):
                                                    or layer.allow_force_backward(j))
         self.need_backward = layer_need_backward
         self.bottom_need_backward = bottom_need_backward
-        # Params: requires_grad exactly where Caffe computes a param diff.
+        # Params: requires_grad exactly where the diff is used: the learnable param's effective
+        # lr_mult (a shared param takes a sharer's lr_mult when its owner sets none, as Caffe's
+        # AppendParam), so a param frozen through a sharer computes no weight gradient.
+        effective = {id(lp.tensor): lp.lr_mult for lp in self.learnable_params}
         for li, layer in enumerate(self.layer_modules):
             for pi, blob in enumerate(layer.blobs):
-                spec_lr = self.param_specs[li][pi]
+                spec_lr = effective.get(id(blob), self.param_specs[li][pi])
                 wants = (spec_lr > 0 or self.force_backward) and not layer.no_param_grad
                 if self._param_owner(li, pi) is None:
                     blob.requires_grad_(bool(wants))

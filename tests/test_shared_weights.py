@@ -177,3 +177,25 @@ def test_config_trains_out_of_the_box(tmp_path, monkeypatch, glog_capture):
     acc = [float(ln.rsplit("=", 1)[1]) for ln in log.splitlines()
            if "Test net output #0: accuracy" in ln]
     assert acc[0] < 0.5 and acc[-1] > 0.9, acc
+
+
+def test_param_frozen_through_a_sharer_computes_no_gradient():
+    """Owner without lr_mult, sharer with lr_mult 0: the shared param's lr_mult is 0 (Caffe's
+    AppendParam), so its weight gradient is not computed at all (requires_grad False)."""
+    from converters import caffe_pb2
+    from converters.prototxt import parse_text
+    from layers.net import Net
+    text = """
+layer { name: "in" type: "Input" top: "a" top: "b" top: "label"
+  input_param { shape { dim: 2 dim: 4 } shape { dim: 2 dim: 4 } shape { dim: 2 } } }
+layer { name: "ip_a" type: "InnerProduct" bottom: "a" top: "pa" param { name: "w" }
+  inner_product_param { num_output: 3 bias_term: false weight_filler { type: "xavier" } } }
+layer { name: "ip_b" type: "InnerProduct" bottom: "b" top: "pb" param { name: "w" lr_mult: 0 }
+  inner_product_param { num_output: 3 bias_term: false weight_filler { type: "xavier" } } }
+layer { name: "sum" type: "Eltwise" bottom: "pa" bottom: "pb" top: "s" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "s" bottom: "label" top: "loss" }
+"""
+    net = Net(parse_text(text, caffe_pb2.NetParameter()), "TRAIN", log=False)
+    (w,) = net.learnable_params
+    assert w.lr_mult == 0
+    assert not w.tensor.requires_grad
