@@ -140,7 +140,8 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
     from layers import net as net_module
     net_module.ALLOW_PYTHON_LAYERS = bool(allow_python_layers)
     try:
-        trainer = Solver(param, device=device, keep_sparsity=keep_sparsity)
+        # resuming: the masks come from the restored weights, not from the fillers
+        trainer = Solver(param, device=device, keep_sparsity=keep_sparsity and not snapshot)
     finally:
         net_module.ALLOW_PYTHON_LAYERS = False
     if explain_backward:
@@ -151,6 +152,8 @@ def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_ef
         if snapshot:
             glog.info("Resuming from " + snapshot, where="caffe.cpp:235")
             trainer.restore(snapshot)
+            if keep_sparsity:
+                trainer.keep_zeros()
         if speed.active():
             speed_modes.apply(trainer, speed)
         glog.info("Starting Optimization", where="caffe.cpp:239")

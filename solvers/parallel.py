@@ -272,7 +272,8 @@ def run_rank(param, device, rank, world, snapshot="", keep_sparsity=False, speed
     if torch.device(device).type == "cuda":
         from solvers.speed import configure_tf32
         configure_tf32(bool(speed is not None and speed.tf32))
-    solver = DataParallelSolver(param, rank, world, device=device, keep_sparsity=keep_sparsity)
+    solver = DataParallelSolver(param, rank, world, device=device,
+                                keep_sparsity=keep_sparsity and not snapshot)
     if explain_backward and solver.is_root:
         from layers.explain import log_table
         log_table(solver.net)
@@ -280,6 +281,8 @@ def run_rank(param, device, rank, world, snapshot="", keep_sparsity=False, speed
     if snapshot:
         glog.info("Resuming from " + snapshot, where="caffe.cpp:235")
         solver.restore(snapshot)
+        if keep_sparsity:
+            solver.keep_zeros()
     solver.broadcast_parameters()
     if speed is not None and speed.active():
         from solvers import speed as speed_modes

@@ -94,11 +94,10 @@ class Solver:
             net.to(self.device)
         self.lr = LearningRate(param)
         self.update = make_update(param, [p for p in self.net.learnable_params])
-        self.keep_sparsity = keep_sparsity
+        self.keep_sparsity = False
         self.sparsity = None
         if keep_sparsity:
-            from solvers.sparsity import SparsityMasks
-            self.sparsity = SparsityMasks(self.net)
+            self.keep_zeros()
         from solvers.traps import warn_frozen_batchnorm, warn_unlearned_global_stats
         warn_frozen_batchnorm(self.net, param)
         warn_unlearned_global_stats(self.net)
@@ -540,6 +539,13 @@ class Solver:
                 glog.info(msg, where="solver.cpp:414")
                 index += 1
 
+    def keep_zeros(self):
+        """--keep-sparsity: weights that are zero now stay zero (masks built from the current
+        weights, so call it after --weights or a restore)."""
+        from solvers.sparsity import SparsityMasks
+        self.keep_sparsity = True
+        self.sparsity = SparsityMasks(self.net)
+
     # ------------------------------------------------------------------ signals
     def request(self, action):
         """Called from a signal handler: act at the end of the current iteration."""
@@ -683,8 +689,7 @@ class Solver:
                 torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
         self.lr.load_state_dict(lr_state)
         if self.keep_sparsity:       # the restored weights define what is pruned
-            from solvers.sparsity import SparsityMasks
-            self.sparsity = SparsityMasks(self.net)
+            self.keep_zeros()
 
 
 def check_snapshot_directory(prefix):

@@ -40,7 +40,7 @@ class SparsityMasks:
             glog.warning("--keep-sparsity: no weight of the trained Convolution / "
                          "Deconvolution / InnerProduct layers is zero, so nothing is kept at "
                          "zero. Pass the pruned caffemodel with --weights (or resume from a "
-                         "snapshot of a pruned run).", where="sparsity.py:1")
+                         "snapshot of a pruned run).")
 
     def to(self, device):
         self.entries = [(n, w, m.to(device)) for n, w, m in self.entries]
@@ -70,11 +70,9 @@ class SparsityMasks:
             total = weight.numel()
             glog.info("Sparsity at %s: layer %s: %d of %d weights are zero (%.2f%%)%s" % (
                 when, name, zeros, total, 100.0 * zeros / max(total, 1),
-                "" if when == "start" else ", %d kept at zero" % int((mask == 0).sum())),
-                where="sparsity.py:1")
+                "" if when == "start" else ", %d kept at zero" % int((mask == 0).sum())))
         for name, weight in self.frozen:
             zeros = int((weight.detach() == 0).sum())
             total = weight.numel()
             glog.info("Sparsity at %s: layer %s: %d of %d weights are zero (%.2f%%), frozen "
-                      "(lr_mult 0)" % (when, name, zeros, total, 100.0 * zeros / max(total, 1)),
-                      where="sparsity.py:1")
+                      "(lr_mult 0)" % (when, name, zeros, total, 100.0 * zeros / max(total, 1)))
