@@ -31,8 +31,9 @@ def configure(stream=None, min_level=None, year=None):
     """Set the destination and filtering (the CLI calls this once)."""
     if stream is not None:
         _State.stream = stream
-    if min_level is None:
-        min_level = int(os.environ.get("GLOG_minloglevel", "0") or 0)
+    if min_level is None:       # glog reads it with strtol: a leading integer, else 0
+        found = re.match(r"\s*([+-]?\d+)", os.environ.get("GLOG_minloglevel", ""))
+        min_level = int(found.group(1)) if found else 0
     _State.min_level = min_level
     if year is None:
         year = os.environ.get("GLOG_log_year_in_prefix", "").lower() in ("1", "true", "yes")

@@ -834,6 +834,19 @@ def test_debug_shows_traceback(subprocess_runs):
 
 
 # ----------------------------------------------------------------------------- not errors
+@pytest.mark.parametrize("value,level", [("abc", 0), ("2x", 2), (" 1", 1), ("", 0)])
+def test_glog_minloglevel_is_read_as_glog_reads_it(monkeypatch, value, level):
+    """glog reads GLOG_minloglevel with strtol: a leading integer, else 0 (not a traceback)."""
+    from converters import glog
+    saved = glog._State.min_level
+    monkeypatch.setenv("GLOG_minloglevel", value)
+    try:
+        glog.configure()
+        assert glog._State.min_level == level
+    finally:
+        glog._State.min_level = saved
+
+
 def test_duplicate_layer_names_are_warned(base, tmp_path):
     """Caffe accepts two layers of one name, but copies and shares weights by name: a W line."""
     c = Case(str(tmp_path), base)
