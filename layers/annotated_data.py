@@ -364,10 +364,19 @@ class AnnotatedBatches:
         for entry in threads:
             AnnotatedBatches._stop_thread(entry)
         if executor is not None:
+            # Not on this thread: the finalizer can run from a garbage collection that starts
+            # inside executor.submit on a producer thread, which holds the executor's
+            # (non-reentrant) shutdown lock; shutting down here would wait on it forever.
+            def shut():
+                try:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                except Exception:  # pragma: no cover
+                    pass
             try:
-                executor.shutdown(wait=False, cancel_futures=True)
-            except Exception:  # pragma: no cover
-                pass
+                threading.Thread(target=shut, name="annotated-data-shutdown",
+                                 daemon=True).start()
+            except RuntimeError:        # interpreter shutdown: no new threads, no producers
+                shut()
 
     def stop(self):
         """Stop the prefetch thread (read-ahead batches are dropped; the position is kept)."""

@@ -846,3 +846,26 @@ def test_benchmark_function(tmp_path, inline):
                     out=out)
     assert res["forward"] > 0 and res["per_item_cpu"] > 0
     assert "images/s" in out.getvalue()
+
+
+def test_pool_shutdown_from_the_finalizer_cannot_deadlock_the_producer():
+    """The finalizer may run from a garbage collection inside executor.submit on a producer
+    thread, which holds the pool's non-reentrant shutdown lock (a hang at the end of a pytest
+    run); the shutdown must not wait for that lock on that thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from layers.annotated_data import AnnotatedBatches
+    pool = ThreadPoolExecutor(1)
+    done = threading.Event()
+
+    def producer():
+        with pool._shutdown_lock:        # as executor.submit holds it
+            AnnotatedBatches._shutdown_all([], pool)
+        done.set()
+    threading.Thread(target=producer, daemon=True).start()
+    assert done.wait(10), "the finalizer deadlocked on the pool's shutdown lock"
+    for _ in range(100):
+        if pool._shutdown:
+            break
+        done.wait(0.05)
+    assert pool._shutdown
