@@ -864,8 +864,8 @@ def test_pool_shutdown_from_the_finalizer_cannot_deadlock_the_producer():
         done.set()
     threading.Thread(target=producer, daemon=True).start()
     assert done.wait(10), "the finalizer deadlocked on the pool's shutdown lock"
-    for _ in range(100):
-        if pool._shutdown:
-            break
-        done.wait(0.05)
+    import time
+    deadline = time.monotonic() + 10
+    while not pool._shutdown and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert pool._shutdown
