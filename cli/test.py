@@ -39,12 +39,10 @@ def test(model, weights, iterations, gpu, level, stage, phase, debug):
     net.copy_from(weights)
     net.to(device)
     glog.info("Running for %d iterations." % iterations, where="caffe.cpp:281")
-    detection = [n for n in net.outputs
-                 if net.layer_types[net.layer_names.index(net.blob_producer[n])]
-                 == "DetectionEvaluate"]
+    detection = [n for n in net.outputs if net.producer_type(n) == "DetectionEvaluate"]
     plain = [n for n in net.outputs if n not in detection]
     scores, names, loss = None, [], 0.0
-    shapes, varying = {}, []
+    shapes = {}
     det_scores = None
     if detection:
         from solvers.detection_eval import DetectionScores

@@ -69,8 +69,7 @@ class Layer(torch.nn.Module):
         try:
             fill(tensor, filler)
         except CaffeError as exc:       # the filler's own check: name the layer
-            raise CaffeError("%s (layer %s, type %s)" % (exc.message, self.name, self.param.type),
-                             where=exc.where) from None
+            self.fail(exc.message, exc.where)
         blob = torch.nn.Parameter(tensor)
         self.blobs.append(blob)
         return blob
@@ -174,7 +173,6 @@ def check_top_shape(lp, top, shape):
                          "of layer '%s' (type %s) would have shape %s" % (
                              top, lp.name, lp.type, " ".join(map(str, shape))),
                          where="blob.cpp:29")
-
 
 
 def to_device_async(host, device):

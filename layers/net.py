@@ -707,13 +707,17 @@ class Net(torch.nn.Module):
                     module._parameters[key] = owner_tensor
 
     # ------------------------------------------------------------------ weights
+    def producer_type(self, blob):
+        """The Caffe type of the layer that last wrote ``blob`` (None for an unknown blob)."""
+        producer = self.blob_producer.get(blob)
+        return None if producer is None else self.layer_types[self.layer_names.index(producer)]
+
     def _note_shapeless_inputs(self, exc, lp):
         """A layer that fails on a 0-D bottom fed by an Input layer without a shape: say so
         (Caffe names only the layer that fails, far from the missing ``input_param``)."""
         for b in lp.bottom:
-            producer = self.blob_producer.get(b)
-            if self.blob_shapes.get(b) == () and producer is not None and \
-                    self.layer_types[self.layer_names.index(producer)] == "Input":
+            if self.blob_shapes.get(b) == () and self.producer_type(b) == "Input":
+                producer = self.blob_producer[b]
                 exc.message += (" -- bottom '%s' has no shape: its Input layer '%s' gives none "
                                 "(input_param { shape { dim: ... } })" % (b, producer))
                 exc.args = (exc.message,)

@@ -106,11 +106,10 @@ class Solver:
     # ------------------------------------------------------------------ setup
     def _check_param(self):
         p = self.param
-        if not (p.HasField("net") or p.HasField("net_param") or p.HasField("train_net")
-                or p.HasField("train_net_param")):
+        given = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if not given:
             raise CaffeError("Solver has no training net: give one of net, net_param, train_net "
                              "or train_net_param.", where="solver.cpp:84")
-        given = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
         if len(given) > 1:
             raise CaffeError("SolverParameter must not contain more than one of these fields "
                              "specifying a train net: net, net_param, train_net, "
